@@ -1,0 +1,6 @@
+"""``python -m anetrain`` (what torchrun launches)."""
+
+from .cli import run
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""Thin programs behind the ``anetrain`` subcommands; each module has ``register(subparsers)``."""

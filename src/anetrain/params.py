@@ -1,0 +1,300 @@
+"""The parameter set: every trainable tensor of a model, named, in one flat buffer. No math here.
+
+Like llm.c, all parameters live in a single contiguous tensor and each named tensor is a view into it. The
+same layout serves the weights, their gradients, the optimizer's moments and any low-precision compute
+copy, so that zeroing gradients, casting weights to bf16, all-reducing gradients or running AdamW are each
+one operation over one buffer. The buffer is ordered so that the tensors without weight decay (the RMSNorm
+gains) come first and form one slice, ``no_decay``, and everything else (matrices and the embedding) forms
+the other, ``decay``.
+
+Names follow llama2.c's ``model.py`` (and so its state dicts)::
+
+    tok_embeddings.weight                 [V, D]
+    layers.{l}.attention_norm.weight      [D]
+    layers.{l}.attention.wq.weight        [Dq, D]      wk, wv: [Dkv, D]    wo: [D, Dq]
+    layers.{l}.ffn_norm.weight            [D]
+    layers.{l}.feed_forward.w1.weight     [F, D]       w3: [F, D]          w2: [D, F]
+    norm.weight                           [D]
+    output.weight                         [V, D]       only when the classifier is not tied
+
+Weights are stored ``[out, in]`` so a linear layer is ``y = x @ W.T`` on token-major activations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .rng import Drand48
+
+# ------------------------------------------------------------------------------------------------
+# Layout
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    decay: bool  # AdamW weight decay applies (matrices, embedding) or not (norm gains)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def layer_prefix(layer: int) -> str:
+    return f"layers.{layer}."
+
+
+def param_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    """Every parameter of ``cfg`` in storage order: the no-decay norm gains first, then the matrices."""
+    d, f, v = cfg.dim, cfg.hidden_dim, cfg.vocab_size
+    norms: list[TensorSpec] = []
+    mats: list[TensorSpec] = [TensorSpec("tok_embeddings.weight", (v, d), True)]
+    for layer in range(cfg.n_layers):
+        p = layer_prefix(layer)
+        norms.append(TensorSpec(p + "attention_norm.weight", (d,), False))
+        norms.append(TensorSpec(p + "ffn_norm.weight", (d,), False))
+        mats += [
+            TensorSpec(p + "attention.wq.weight", (cfg.q_dim, d), True),
+            TensorSpec(p + "attention.wk.weight", (cfg.kv_dim, d), True),
+            TensorSpec(p + "attention.wv.weight", (cfg.kv_dim, d), True),
+            TensorSpec(p + "attention.wo.weight", (d, cfg.q_dim), True),
+            TensorSpec(p + "feed_forward.w1.weight", (f, d), True),
+            TensorSpec(p + "feed_forward.w2.weight", (d, f), True),
+            TensorSpec(p + "feed_forward.w3.weight", (f, d), True),
+        ]
+    norms.append(TensorSpec("norm.weight", (d,), False))
+    if not cfg.tied_classifier:
+        mats.append(TensorSpec("output.weight", (v, d), True))
+    return norms + mats
+
+
+# ------------------------------------------------------------------------------------------------
+# The parameter set
+
+
+@dataclass
+class LayerParams:
+    """Views of one transformer layer's tensors (weights, or gradients, or moments: same layout)."""
+
+    attention_norm: torch.Tensor  # [D]
+    wq: torch.Tensor  # [Dq, D]
+    wk: torch.Tensor  # [Dkv, D]
+    wv: torch.Tensor  # [Dkv, D]
+    wo: torch.Tensor  # [D, Dq]
+    ffn_norm: torch.Tensor  # [D]
+    w1: torch.Tensor  # [F, D]  gate
+    w2: torch.Tensor  # [D, F]  down
+    w3: torch.Tensor  # [F, D]  up
+
+
+class ModelParams:
+    """A named set of tensors laid out in one flat buffer (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, flat: torch.Tensor) -> None:
+        specs = param_specs(cfg)
+        total = sum(s.numel for s in specs)
+        if flat.dim() != 1 or flat.numel() != total:
+            raise ValueError(f"flat buffer has {flat.numel()} elements, the layout needs {total}")
+        self.cfg = cfg
+        self.flat = flat
+        self.specs = specs
+        self.tensors: dict[str, torch.Tensor] = {}
+        offset = 0
+        n_no_decay = 0
+        for s in specs:
+            self.tensors[s.name] = flat[offset : offset + s.numel].view(s.shape)
+            offset += s.numel
+            if not s.decay:
+                n_no_decay = offset
+        self.no_decay = flat[:n_no_decay]
+        self.decay = flat[n_no_decay:]
+        self.layers = [self._layer(i) for i in range(cfg.n_layers)]
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def zeros(
+        cls, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> ModelParams:
+        total = sum(s.numel for s in param_specs(cfg))
+        return cls(cfg, torch.zeros(total, dtype=dtype, device=device))
+
+    @classmethod
+    def from_tensors(
+        cls, cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+    ) -> ModelParams:
+        """Copy named tensors into a new flat buffer; every name of the layout must be present."""
+        p = cls.zeros(cfg, dtype)
+        for s in p.specs:
+            if s.name not in tensors:
+                raise ConfigError(f"missing tensor {s.name}")
+            t = tensors[s.name]
+            if tuple(t.shape) != s.shape:
+                raise ConfigError(f"tensor {s.name} has shape {tuple(t.shape)}, expected {s.shape}")
+            p.tensors[s.name].copy_(t)
+        return p
+
+    def like(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ModelParams:
+        """A zero-filled set with the same layout (for gradients, moments, compute copies)."""
+        return ModelParams.zeros(self.cfg, dtype or self.flat.dtype, device or self.flat.device)
+
+    def clone(self) -> ModelParams:
+        return ModelParams(self.cfg, self.flat.clone())
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ModelParams:
+        return ModelParams(
+            self.cfg, self.flat.to(dtype=dtype or self.flat.dtype, device=device or self.flat.device)
+        )
+
+    # ---- access ----------------------------------------------------------------------------------
+    def _layer(self, i: int) -> LayerParams:
+        p = layer_prefix(i)
+        t = self.tensors
+        return LayerParams(
+            attention_norm=t[p + "attention_norm.weight"],
+            wq=t[p + "attention.wq.weight"],
+            wk=t[p + "attention.wk.weight"],
+            wv=t[p + "attention.wv.weight"],
+            wo=t[p + "attention.wo.weight"],
+            ffn_norm=t[p + "ffn_norm.weight"],
+            w1=t[p + "feed_forward.w1.weight"],
+            w2=t[p + "feed_forward.w2.weight"],
+            w3=t[p + "feed_forward.w3.weight"],
+        )
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """E: [V, D]."""
+        return self.tensors["tok_embeddings.weight"]
+
+    @property
+    def final_norm(self) -> torch.Tensor:
+        """g_final: [D]."""
+        return self.tensors["norm.weight"]
+
+    @property
+    def classifier(self) -> torch.Tensor:
+        """Wcls: [V, D]; the embedding itself when tied."""
+        return self.tensors["tok_embeddings.weight" if self.cfg.tied_classifier else "output.weight"]
+
+    def named(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self.tensors.items())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def numel(self) -> int:
+        return self.flat.numel()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Named views (sharing storage with ``flat``)."""
+        return dict(self.tensors)
+
+
+# ------------------------------------------------------------------------------------------------
+# Initialization
+
+INIT_SCHEMES = ("llama2c", "original", "original-static")
+
+
+def init_params(cfg: ModelConfig, scheme: str = "llama2c", seed: int = 1337) -> ModelParams:
+    """Fresh fp32 parameters.
+
+    ``llama2c``: every matrix and the embedding ~ N(0, 0.02); then wo and w3 (llama2.c's choice, not w2)
+    ~ N(0, 0.02/sqrt(2L)); norm gains 1. Reproducible from ``seed`` (torch's CPU generator).
+
+    ``original``: the original trainer's dynamic-pipeline ``--scratch`` init (seed-system.md 1.3), drawn
+    from drand48 seeded with ``seed`` in its order: per layer Wq, Wk, Wv (u/sqrt(D)), Wo
+    (u/sqrt(Dq)/sqrt(2L)), W1 (u/sqrt(F)), W2 (u/sqrt(D)/sqrt(2L)), W3 (u/sqrt(F)); then E (0.02 u), with
+    u = 2*drand48() - 1. Use seed 42 to reproduce the original exactly.
+
+    ``original-static``: the static pipeline's init (train_large / train_opt): interleaved Wq/Wk then Wv/Wo
+    draws, all u/sqrt(D), then W1 (u/sqrt(F)), W2 (u/sqrt(D)), W3 (u/sqrt(F)); then E. Its interleaving
+    assumes square attention matrices (Dq = Dkv = D).
+    """
+    p = ModelParams.zeros(cfg)
+    for layer in p.layers:
+        layer.attention_norm.fill_(1.0)
+        layer.ffn_norm.fill_(1.0)
+    p.final_norm.fill_(1.0)
+    if scheme == "llama2c":
+        g = torch.Generator().manual_seed(seed)
+        small = 0.02 / math.sqrt(2 * cfg.n_layers)
+        for s in p.specs:
+            if not s.decay:
+                continue
+            std = small if s.name.endswith(("attention.wo.weight", "feed_forward.w3.weight")) else 0.02
+            p.tensors[s.name].normal_(0.0, std, generator=g)
+    elif scheme == "original":
+        rng = Drand48(seed)
+        alpha = 1.0 / math.sqrt(2 * cfg.n_layers)
+        d, f, dq = cfg.dim, cfg.hidden_dim, cfg.q_dim
+
+        def fill(t: torch.Tensor, scale: float) -> None:
+            t.copy_(torch.from_numpy((rng.uniform_pm1(t.numel()) * scale).astype(np.float32)).view(t.shape))
+
+        for layer in p.layers:
+            fill(layer.wq, 1 / math.sqrt(d))
+            fill(layer.wk, 1 / math.sqrt(d))
+            fill(layer.wv, 1 / math.sqrt(d))
+            fill(layer.wo, 1 / math.sqrt(dq) * alpha)
+            fill(layer.w1, 1 / math.sqrt(f))
+            fill(layer.w2, 1 / math.sqrt(d) * alpha)
+            fill(layer.w3, 1 / math.sqrt(f))
+        fill(p.embedding, 0.02)
+        if not cfg.tied_classifier:
+            fill(p.tensors["output.weight"], 0.02)
+    elif scheme == "original-static":
+        if not (cfg.q_dim == cfg.kv_dim == cfg.dim):
+            raise ConfigError(
+                "init 'original-static' needs square attention matrices (MHA with head_dim = dim/heads)"
+            )
+        rng = Drand48(seed)
+        d, f = cfg.dim, cfg.hidden_dim
+        n = d * d
+
+        def draws(count: int, scale: float) -> torch.Tensor:
+            return torch.from_numpy((rng.uniform_pm1(count) * scale).astype(np.float32))
+
+        for layer in p.layers:
+            qk = draws(2 * n, 1 / math.sqrt(d)).view(n, 2)  # interleaved: Wq[i], Wk[i], Wq[i+1], ...
+            layer.wq.copy_(qk[:, 0].reshape(d, d))
+            layer.wk.copy_(qk[:, 1].reshape(d, d))
+            vo = draws(2 * n, 1 / math.sqrt(d)).view(n, 2)
+            layer.wv.copy_(vo[:, 0].reshape(d, d))
+            layer.wo.copy_(vo[:, 1].reshape(d, d))
+            layer.w1.copy_(draws(f * d, 1 / math.sqrt(f)).view(f, d))
+            layer.w2.copy_(draws(d * f, 1 / math.sqrt(d)).view(d, f))
+            layer.w3.copy_(draws(f * d, 1 / math.sqrt(f)).view(f, d))
+        p.embedding.copy_(draws(cfg.vocab_size * d, 0.02).view(cfg.vocab_size, d))
+        if not cfg.tied_classifier:
+            p.tensors["output.weight"].copy_(draws(cfg.vocab_size * d, 0.02).view(cfg.vocab_size, d))
+    else:
+        raise ConfigError(f"unknown init scheme {scheme!r} (known: {', '.join(INIT_SCHEMES)})")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# Exporting: fold the residual scale into the branch outputs
+
+
+def fold_residual_scale(p: ModelParams) -> ModelParams:
+    """A copy with alpha folded into wo and w2 (and ``residual_scale`` reset to 1).
+
+    With x2 = x + alpha * (attn @ Wo^T) and x' = x2 + alpha * (g @ W2^T), scaling Wo and W2 by alpha gives a
+    plain Llama model with identical outputs, which every other tool can read.
+    """
+    alpha = p.cfg.residual_scale
+    out = ModelParams(p.cfg.with_(residual_scale=1.0), p.flat.clone())
+    if alpha != 1.0:
+        for layer in out.layers:
+            layer.wo.mul_(alpha)
+            layer.w2.mul_(alpha)
+    return out
