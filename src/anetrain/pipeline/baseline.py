@@ -28,7 +28,10 @@ from .dw import SerialDW, ThreadDW
 
 
 class BaselinePipeline:
+    """Implements :class:`anetrain.pipeline.base.Pipeline` with the plain kernels."""
+
     name = "baseline"
+    needs_loss_scaling = False
 
     def __init__(
         self,
@@ -63,6 +66,9 @@ class BaselinePipeline:
 
     def zero_grad(self) -> None:
         self.grads.flat.zero_()
+
+    def close(self) -> None:
+        self.dw.close()
 
     def _classifier(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier weight and targets, compacted if asked."""

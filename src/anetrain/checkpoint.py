@@ -1,0 +1,252 @@
+"""Resumable checkpoints: safetensors for tensors, a JSON manifest for everything else, crash-safe.
+
+Layout (see docs/run-directory.md)::
+
+    RUN_DIR/checkpoints/step_00000100/   model.safetensors  optimizer.safetensors  manifest.json
+    RUN_DIR/checkpoints/latest           text file: the name of the newest complete checkpoint
+    RUN_DIR/checkpoints/best             text file: the name of the checkpoint with the best validation loss
+
+A checkpoint is written into a hidden temporary directory; every file is fsynced, the manifest (with each
+file's size and sha256) last; then the directory is renamed into place, the parent fsynced, and only then
+the ``latest`` pointer replaced and old checkpoints pruned. A ``kill -9`` at any moment therefore leaves the
+previous checkpoint intact and reachable; a full disk fails the write, removes the partial directory and keeps
+the previous checkpoint. Loading verifies sizes and checksums, and falls back to the newest checkpoint that
+verifies if the pointer is missing or names a damaged one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig, make_config
+from .errors import AnetrainError, ConfigError, InputError
+from .fsutil import atomic_write_text, describe_os_error, fsync_dir
+from .optim import AdamState
+from .params import ModelParams
+
+FORMAT = "anetrain-checkpoint"
+VERSION = 1
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    cfg: ModelConfig
+    params: ModelParams
+    optimizer: AdamState | None
+    manifest: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike[str],
+    name: str,
+    params: ModelParams,
+    optimizer: AdamState | None,
+    manifest: dict[str, Any],
+    *,
+    pointers: tuple[str, ...] = ("latest",),
+) -> Path:
+    """Write ``RUN_DIR/checkpoints/<name>`` crash-safely and point ``pointers`` at it.
+
+    Raises :class:`AnetrainError` if writing fails (nothing already on disk is changed in that case).
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        files: dict[str, dict[str, Any]] = {}
+        save_file(params.state_dict(), tmp / MODEL_FILE, metadata={"format": FORMAT})
+        if optimizer is not None:
+            tensors = {f"m.{n}": t for n, t in optimizer.m.named()} | {
+                f"v.{n}": t for n, t in optimizer.v.named()
+            }
+            save_file(tensors, tmp / OPTIM_FILE, metadata={"format": FORMAT})
+        for fname in (MODEL_FILE, OPTIM_FILE):
+            f = tmp / fname
+            if f.exists():
+                _fsync_file(f)
+                files[fname] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        full = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": params.cfg.to_dict(),
+            "files": files,
+            "adam_t": optimizer.t if optimizer is not None else None,
+            **manifest,
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(full, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if final.exists():  # re-saving the same step: move the old one aside first
+            old = root / f".old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = read_pointer(root, "latest")
+        keep_msg = f"the previous checkpoint {kept} is kept" if kept else "no earlier checkpoint exists"
+        raise AnetrainError(f"{final}: checkpoint write failed ({describe_os_error(e)}); {keep_msg}") from e
+    for pointer in pointers:
+        try:
+            atomic_write_text(root / pointer, name + "\n")
+        except AnetrainError:
+            pass  # the checkpoint itself is complete; loading falls back to scanning
+    return final
+
+
+def read_pointer(root: Path, pointer: str) -> str | None:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        name = (root / pointer).read_text("utf-8").strip()
+        return name or None
+    return None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints (never the ones a pointer names) and stale temps."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.exists():
+        return
+    protected = {read_pointer(root, p) for p in ("latest", "best")}
+    steps = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_"))
+    for d in steps[: max(0, len(steps) - keep)]:
+        if d.name not in protected:
+            shutil.rmtree(d, ignore_errors=True)
+    for d in root.iterdir():
+        if d.name.startswith((".tmp-", ".old-")) and d.is_dir():
+            pid = d.name.rsplit("-", 1)[-1]
+            if not (pid.isdigit() and int(pid) == os.getpid()):
+                shutil.rmtree(d, ignore_errors=True)
+    best = read_pointer(root, "best")
+    for d in root.iterdir():
+        if d.is_dir() and d.name.startswith("best_") and d.name != best:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """The manifest of a complete, undamaged checkpoint directory; raises InputError otherwise."""
+    mf = path / MANIFEST
+    try:
+        manifest = json.loads(mf.read_text("utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, "incomplete checkpoint (no manifest.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(mf, f"unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InputError(mf, "not an anetrain checkpoint manifest")
+    if manifest.get("version") != VERSION:
+        raise InputError(mf, f"unknown checkpoint version {manifest.get('version')!r}")
+    for fname, info in manifest.get("files", {}).items():
+        f = path / fname
+        if not f.exists():
+            raise InputError(f, "missing from the checkpoint")
+        if f.stat().st_size != info["bytes"]:
+            raise InputError(f, f"size {f.stat().st_size} does not match the manifest ({info['bytes']})")
+        if _sha256(f) != info["sha256"]:
+            raise InputError(f, "checksum does not match the manifest (damaged file)")
+    return manifest
+
+
+def find_checkpoint(run_dir: str | os.PathLike[str], pointer: str = "latest") -> Path | None:
+    """The checkpoint a pointer names if it verifies, else the newest step checkpoint that verifies."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    candidates: list[Path] = []
+    named = read_pointer(root, pointer)
+    if named:
+        candidates.append(root / named)
+    candidates += sorted(
+        (d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_")), reverse=True
+    )
+    for c in candidates:
+        try:
+            verify_checkpoint(c)
+            return c
+        except InputError:
+            continue
+    return None
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, with_optimizer: bool = True) -> Checkpoint:
+    """Read and verify a checkpoint directory."""
+    p = Path(path)
+    manifest = verify_checkpoint(p)
+    try:
+        cfg = make_config(**manifest["model"])
+    except (ConfigError, KeyError, TypeError) as e:
+        raise InputError(p / MANIFEST, f"bad model config ({e})") from None
+    try:
+        with safe_open(p / MODEL_FILE, "pt") as f:
+            params = ModelParams.from_tensors(cfg, {k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+        optimizer = None
+        if with_optimizer and (p / OPTIM_FILE).exists():
+            with safe_open(p / OPTIM_FILE, "pt") as f:
+                names = list(f.keys())
+                m = ModelParams.from_tensors(
+                    cfg, {k[2:]: f.get_tensor(k) for k in names if k.startswith("m.")}
+                )
+                v = ModelParams.from_tensors(
+                    cfg, {k[2:]: f.get_tensor(k) for k in names if k.startswith("v.")}
+                )
+            optimizer = AdamState(m, v, int(manifest.get("adam_t") or 0))
+    except (SafetensorError, ConfigError, OSError) as e:
+        raise InputError(p, f"unreadable checkpoint tensors ({e})") from None
+    return Checkpoint(p, cfg, params, optimizer, manifest)
+
+
+def config_difference(a: ModelConfig, b: ModelConfig) -> str | None:
+    """A one-line description of the first field in which two model configs differ, or None."""
+    for field, va in a.to_dict().items():
+        if field == "name":
+            continue
+        vb = b.to_dict()[field]
+        if va != vb:
+            return f"{field} is {vb!r} in the checkpoint but {va!r} here"
+    return None

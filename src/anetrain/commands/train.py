@@ -1,0 +1,108 @@
+"""``anetrain train``: options are generated from :class:`anetrain.train.TrainOptions`."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+ORDER = 10
+
+DESCRIPTION = """\
+Train a model. With no --data, an embedded story corpus is generated, a tokenizer trained on it, and a
+stories260K-sized model trained on it for a few minutes: a complete run that works offline.
+
+A step is one optimizer update over --accum micro-batches of --batch x --seq tokens. The run directory
+(--out) receives config.json, metrics.jsonl, train.log, checkpoints/ and report.json; resume an interrupted
+run with `anetrain train --resume RUN_DIR` (Ctrl-C and SIGTERM checkpoint before exiting)."""
+
+
+def _arg_type(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(
+        getattr(base, "__name__", str(base)), str
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..cli import HelpFormatter
+    from ..train import TrainOptions
+
+    p = sub.add_parser(
+        "train", help="train or continue a model", description=DESCRIPTION, formatter_class=HelpFormatter
+    )
+    hints = typing.get_type_hints(TrainOptions)
+    for f in fields(TrainOptions):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = f.metadata["help"]
+        if default not in (None, False) and "default" not in help_text:
+            help_text += f" (default: {default})"
+        if hints[f.name] is bool:
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+        elif f.name == "residual_scale":
+            p.add_argument(flag, default=argparse.SUPPRESS, metavar="ALPHA", help=help_text)
+        else:
+            p.add_argument(
+                flag,
+                type=_arg_type(hints[f.name]),
+                default=argparse.SUPPRESS,
+                choices=f.metadata.get("choices"),
+                metavar=None if f.metadata.get("choices") else f.name.upper(),
+                help=help_text,
+            )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import TrainOptions, default_run_dir, run_training
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
+    if given.get("residual_scale") not in (None, "deepnet"):
+        try:
+            float(given["residual_scale"])
+        except ValueError:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"--residual-scale must be a number or 'deepnet', got {given['residual_scale']!r}"
+            ) from None
+    if given.get("dashboard"):
+        return _with_dashboard(given, default_run_dir)
+    opts = TrainOptions(**given)
+    return run_training(opts, given)
+
+
+def _with_dashboard(given: dict[str, Any], default_run_dir: Any) -> int:
+    """Run the same training command as a child process and show the dashboard on its run directory."""
+    from ..errors import AnetrainError
+
+    try:
+        from ..ui.dashboard import run_dashboard
+    except ImportError as e:
+        raise AnetrainError(f"the dashboard is unavailable: {e}") from None
+    run_dir = Path(
+        given.get("resume") or given.get("out") or default_run_dir(given.get("model", "stories260K"))
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "anetrain", "train"]
+    for k, v in given.items():
+        if k in ("dashboard", "out"):
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif v is not None:
+            argv += [flag, str(v)]
+    if not given.get("resume"):
+        argv += ["--out", str(run_dir)]
+    with open(run_dir / "console.log", "ab") as out:
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    return run_dashboard(run_dir, child)

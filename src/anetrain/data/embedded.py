@@ -1,0 +1,47 @@
+"""The embedded default data: a generated story corpus, a tokenizer trained on it, and its token files.
+
+``anetrain train`` with no ``--data`` calls :func:`prepare_embedded`, so a new user gets a complete,
+meaningful run offline: the corpus generator (``data/stories.py``) is deterministic, the tokenizer is a
+512-token sentencepiece BPE trained on the corpus (as llama2.c's tok512), and the token files are made by
+``prepare`` (BOS before each story). Everything is cached in the given directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .prepare import prepare
+from .stories import write_corpus
+
+N_STORIES = 24000
+SEED = 0
+VOCAB = 512
+
+
+def prepare_embedded(
+    directory: str | Path,
+    *,
+    n_stories: int = N_STORIES,
+    seed: int = SEED,
+    vocab_size: int = VOCAB,
+    log: Callable[[str], None] = print,
+) -> tuple[Path, Path]:
+    """(token file, tokenizer.bin) for the embedded corpus, generated into ``directory`` if not there yet."""
+    from ..tokenizer import train_tokenizer
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    corpus, tokens = d / "stories.txt", d / "stories.bin"
+    prefix = d / f"tok{vocab_size}"
+    tok_bin = prefix.with_suffix(".bin")
+    if not corpus.exists():
+        log(f"generating the embedded story corpus ({n_stories:,} stories, seed {seed}) into {corpus}")
+        write_corpus(corpus, n_stories, seed)
+    if not tok_bin.exists():
+        log(f"training a {vocab_size}-token BPE tokenizer on it: {tok_bin}")
+        train_tokenizer([str(corpus)], vocab_size, str(prefix))
+    if not tokens.exists():
+        side = prepare([str(corpus)], str(prefix.with_suffix(".model")), tokens)
+        log(f"tokenized: {side['n_tokens']:,} tokens in {tokens}")
+    return tokens, tok_bin

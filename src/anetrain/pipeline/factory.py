@@ -1,0 +1,99 @@
+"""Choose and build a pipeline from the user's options: which schedule, on which device, in which precision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data.compaction import VocabCompaction
+from ..errors import AnetrainError
+from ..params import ModelParams
+from .base import Pipeline
+from .baseline import BaselinePipeline
+
+PIPELINES = ("baseline", "optimized")
+BACKENDS = ("auto", "cpu", "cuda", "ane-sim", "ane")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class PipelineChoice:
+    pipeline: str = "optimized"
+    backend: str = "auto"
+    dtype: str = "auto"
+    compile: bool = True
+    dw_device: str | None = None
+    loss_chunk: int | None = None
+
+
+def resolve_device(backend: str) -> torch.device:
+    if backend in ("auto",):
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            raise AnetrainError("--backend cuda: no CUDA device is available to torch on this machine")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def resolve_dtype(choice: PipelineChoice, device: torch.device) -> str:
+    """The compute precision: baseline is always fp32; optimized uses bf16 where the hardware has it."""
+    if choice.pipeline == "baseline":
+        if choice.dtype not in ("auto", "fp32"):
+            raise AnetrainError(f"--pipeline baseline runs in fp32 only (got --dtype {choice.dtype})")
+        return "fp32"
+    if choice.dtype != "auto":
+        return choice.dtype
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp16"
+
+
+def make_pipeline(
+    params: ModelParams, choice: PipelineChoice, compaction: VocabCompaction | None = None
+) -> Pipeline:
+    """Build the pipeline; ``params`` are float32 master weights (moved to the chosen device)."""
+    if choice.backend in ("ane-sim", "ane"):
+        try:
+            from ..ane.pipeline import make_ane_pipeline
+        except ImportError as e:
+            raise AnetrainError(f"--backend {choice.backend} is not available: {e}") from None
+        return make_ane_pipeline(params, backend=choice.backend, compaction=compaction)
+    device = resolve_device(choice.backend)
+    if params.flat.device != device:
+        params = params.to(device=device)
+    dtype = resolve_dtype(choice, device)
+    if choice.pipeline == "baseline":
+        return BaselinePipeline(params, compaction=compaction, loss_chunk=choice.loss_chunk)
+    if choice.pipeline == "optimized":
+        try:
+            from .optimized import OptimizedPipeline
+        except ImportError:
+            raise AnetrainError("the optimized pipeline is not built yet; use --pipeline baseline") from None
+        return OptimizedPipeline(
+            params,
+            dtype=dtype,
+            compile=choice.compile,
+            dw_device=choice.dw_device,
+            compaction=compaction,
+            loss_chunk=choice.loss_chunk,
+        )
+    raise AnetrainError(f"unknown pipeline {choice.pipeline!r} (known: {', '.join(PIPELINES)})")
+
+
+def describe(pipe: Pipeline) -> dict[str, str]:
+    """Labels for the run record and the dashboard header."""
+    dev = pipe.params.flat.device.type
+    precision = getattr(pipe, "precision", None) or {torch.float32: "fp32", torch.float64: "fp64"}.get(
+        pipe.params.flat.dtype, str(pipe.params.flat.dtype)
+    )
+    return {"pipeline": pipe.name, "backend": getattr(pipe, "backend", dev), "precision": precision}

@@ -1,0 +1,1 @@
+"""Telemetry: metrics.jsonl, FLOP accounting, the peak probe and the Efficiency Report."""

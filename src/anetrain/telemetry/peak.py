@@ -1,0 +1,80 @@
+"""The device's peak matrix-multiply throughput, measured once by a short GEMM probe and cached.
+
+Utilization in the Efficiency Report is model TFLOPS divided by this number. The probe times square GEMMs
+in the training precision for about a second and keeps the best rate; the result is cached per machine
+(CPU model or GPU name, core count, torch version, dtype) in ``~/.cache/anetrain/peak.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ..fsutil import atomic_write_text
+
+
+def cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "anetrain" / "peak.json"
+
+
+def machine_key(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name()
+    return f"{name}|{device.type}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def probe_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    for _ in range(2):
+        a @ b  # warm-up
+    while time.perf_counter() < deadline:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2.0 * n**3 / (time.perf_counter() - t0) / 1e12)
+    return best
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, *, refresh: bool = False) -> float:
+    """Cached measured peak for (machine, dtype); probes on first use."""
+    key = machine_key(device, dtype)
+    path = cache_path()
+    cache: dict[str, float] = {}
+    try:
+        cache = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    if not refresh and isinstance(cache.get(key), int | float):
+        return float(cache[key])
+    value = probe_peak_tflops(device, dtype)
+    cache[key] = value
+    try:
+        atomic_write_text(path, json.dumps(cache, indent=1))
+    except Exception:  # a read-only home must not stop training
+        pass
+    return value
