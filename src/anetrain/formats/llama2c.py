@@ -1,104 +1,291 @@
-"""llama2.c model files (``run.c``'s ``.bin``), version 0 (legacy) so far.
+"""llama2.c model files (``run.c``/``runq.c``'s ``.bin``): versions 0, 1 and 2, read and write.
 
-Version 0: a 28-byte header of 7 little-endian int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads,
-vocab_size, seq_len; a negative vocab_size means an unshared classifier follows), then float32 tensors
-grouped by kind across layers: emb, rms_att[L], wq[L], wk[L], wv[L], wo[L], rms_ffn[L], w1[L], w2[L], w3[L],
-rms_final, freq_cos[S, dh/2], freq_sin[S, dh/2], [wcls].
+Version 0 (legacy, what ``run.c`` reads): a 28-byte header of 7 little-endian int32 (dim, hidden_dim,
+n_layers, n_heads, n_kv_heads, vocab_size, seq_len; a negative vocab_size means an unshared classifier
+follows), then float32 tensors grouped by kind across layers: emb, rms_att[L], wq[L], wk[L], wv[L], wo[L],
+rms_ffn[L], w1[L], w2[L], w3[L], rms_final, freq_cos[S, dh/2], freq_sin[S, dh/2], [wcls]. It has no magic:
+a file is taken as v0 only when its size matches the header.
+
+Versions 1 and 2: a 256-byte header (uint32 magic 0x616b3432, int32 version, the same 7 int32 with vocab_size
+not negated, uint8 shared-classifier flag at offset 36, for v2 an unaligned int32 group size at offset 37,
+zeros to 256). v1 body, float32: rms_att[L], rms_ffn[L], rms_final, emb, wq[L] .. w3[L], [wcls]; no RoPE
+tables. v2 body: the same norms in float32, then emb, wq[L] .. w3[L], [wcls] each as Q8_0 (all its int8
+values, then its float32 scales; see ``q80.py``).
+
+None of them can store head_dim != dim/n_heads, rope_theta != 10000 or norm_eps != 1e-5: the writers refuse
+such models. A residual scale != 1 is folded into wo and w2 (an equivalent plain Llama model).
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..config import make_config
-from ..errors import ConfigError, InputError
-from ..params import ModelParams
-from .common import LoadedModel
+from ..config import ModelConfig
+from ..errors import InputError
+from ..fsutil import atomic_write
+from ..params import ModelParams, fold_residual_scale
+from .common import (
+    LoadedModel,
+    config_or_input_error,
+    f32_at,
+    map_file,
+    require_expressible,
+    require_finite,
+    write_all_f32,
+    write_f32,
+)
+from .q80 import dequantize_q80, q80_group_size, quantize_q80
 
 V0_HEADER = struct.Struct("<7i")
+MAGIC = 0x616B3432  # "ak42"; on disk 32 34 6b 61
+HEADER_SIZE = 256
+V12_PREFIX = struct.Struct("<Ii7iB")  # magic, version, 7 config ints, shared-classifier flag: 37 bytes
+GROUP_SIZE = struct.Struct("<i")  # v2 only, right after the flag (offset 37, unaligned)
+
+# llama2.c's tensor kinds and our parameter names ("{}" is the layer index).
+KIND_NAMES = {
+    "emb": "tok_embeddings.weight",
+    "rms_att": "layers.{}.attention_norm.weight",
+    "wq": "layers.{}.attention.wq.weight",
+    "wk": "layers.{}.attention.wk.weight",
+    "wv": "layers.{}.attention.wv.weight",
+    "wo": "layers.{}.attention.wo.weight",
+    "rms_ffn": "layers.{}.ffn_norm.weight",
+    "w1": "layers.{}.feed_forward.w1.weight",
+    "w2": "layers.{}.feed_forward.w2.weight",
+    "w3": "layers.{}.feed_forward.w3.weight",
+    "rms_final": "norm.weight",
+    "wcls": "output.weight",
+}
+V0_ORDER = ("emb", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final")
+V1_ORDER = ("rms_att", "rms_ffn", "rms_final", "emb", "wq", "wk", "wv", "wo", "w1", "w2", "w3")
+V2_FP32 = ("rms_att", "rms_ffn", "rms_final")
+V2_QUANT = ("emb", "wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def tensor_names(cfg: ModelConfig, kinds: tuple[str, ...], classifier: bool = True) -> list[str]:
+    """Parameter names in file order: each kind for every layer before the next kind, then [wcls]
+    (when ``classifier`` and the model's classifier is untied)."""
+    out: list[str] = []
+    for kind in kinds:
+        template = KIND_NAMES[kind]
+        out += [template.format(i) for i in range(cfg.n_layers)] if "{}" in template else [template]
+    if classifier and not cfg.tied_classifier:
+        out.append(KIND_NAMES["wcls"])
+    return out
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """freq_cos, freq_sin [S, dh/2] computed exactly as llama2.c's ``model.py`` does (float32 torch), so that
+    re-exporting a llama2.c file reproduces its tables bit for bit."""
+    hs = cfg.dim // cfg.n_heads
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, hs, 2)[: hs // 2].float() / hs))
+    angles = torch.outer(torch.arange(cfg.seq_len), freqs).float()
+    return torch.cos(angles), torch.sin(angles)
+
+
+def v0_file_size(cfg: ModelConfig) -> int:
+    """Bytes of a v0 file: header, parameters, and the two RoPE tables."""
+    return V0_HEADER.size + 4 * (cfg.param_count() + cfg.seq_len * (cfg.dim // cfg.n_heads))
+
+
+def v1_file_size(cfg: ModelConfig) -> int:
+    return HEADER_SIZE + 4 * cfg.param_count()
+
+
+def v2_file_size(cfg: ModelConfig, group_size: int) -> int:
+    n_fp32 = (2 * cfg.n_layers + 1) * cfg.dim
+    n_quant = cfg.param_count() - n_fp32
+    return HEADER_SIZE + 4 * n_fp32 + n_quant + 4 * (n_quant // group_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _v0_config(path: str | os.PathLike[str], raw: np.ndarray) -> ModelConfig:
+    if raw.size < V0_HEADER.size:
+        raise InputError(path, f"truncated: {raw.size} bytes is shorter than the 28-byte llama2.c header")
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = V0_HEADER.unpack(raw[: V0_HEADER.size].tobytes())
+    return config_or_input_error(
+        path,
+        "llama2.c v0 header",
+        dim=dim,
+        hidden_dim=hidden,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        vocab_size=abs(vocab),
+        seq_len=seq_len,
+        tied_classifier=vocab > 0,
+        name=Path(path).name,
+    )
+
+
+def _fill(cfg: ModelConfig, names: list[str], raw: np.ndarray, offset: int) -> tuple[ModelParams, int]:
+    """Copy consecutive float32 tensors named ``names`` from byte ``offset``; returns the end offset."""
+    params = ModelParams.zeros(cfg)
+    for name in names:
+        t = params[name]
+        t.view(-1).copy_(torch.from_numpy(np.array(f32_at(raw, offset, t.numel()), dtype=np.float32)))
+        offset += 4 * t.numel()
+    return params, offset
 
 
 def read_llama2c(path: str | os.PathLike[str]) -> LoadedModel:
-    """Read a llama2.c version-0 model file."""
-    try:
-        raw = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        raise InputError(path, f"cannot read ({e.strerror or e})") from None
-    if raw.size < V0_HEADER.size:
-        raise InputError(path, f"truncated: {raw.size} bytes is shorter than the 28-byte llama2.c header")
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = V0_HEADER.unpack_from(
-        raw.tobytes()[: V0_HEADER.size]
-    )
-    tied = vocab > 0
-    try:
-        cfg = make_config(
-            dim=dim,
-            hidden_dim=hidden,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=n_kv,
-            vocab_size=abs(vocab),
-            seq_len=seq_len,
-            tied_classifier=tied,
-            name=os.path.basename(os.fspath(path)),
-        )
-    except ConfigError as e:
-        raise InputError(path, f"not a valid llama2.c v0 header ({e})") from None
-    d, f, L, v, dh, kvd = cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.vocab_size, cfg.head_dim, cfg.kv_dim
-    sizes = [
-        ("emb", v * d),
-        ("rms_att", L * d),
-        ("wq", L * d * d),
-        ("wk", L * kvd * d),
-        ("wv", L * kvd * d),
-        ("wo", L * d * d),
-        ("rms_ffn", L * d),
-        ("w1", L * f * d),
-        ("w2", L * d * f),
-        ("w3", L * f * d),
-        ("rms_final", d),
-        ("freq_cos", seq_len * dh // 2),
-        ("freq_sin", seq_len * dh // 2),
-    ]
-    if not tied:
-        sizes.append(("wcls", v * d))
-    expected = V0_HEADER.size + 4 * sum(n for _, n in sizes)
+    """Read a llama2.c model file of any version (v1/v2 by their magic, otherwise v0)."""
+    raw = map_file(path)
+    if raw.size >= 4 and int(raw[:4].view("<u4")[0]) == MAGIC:
+        return _read_v12(path, raw)
+    return _read_v0(path, raw)
+
+
+def _read_v0(path: str | os.PathLike[str], raw: np.ndarray) -> LoadedModel:
+    cfg = _v0_config(path, raw)
+    expected = v0_file_size(cfg)
     if raw.size != expected:
         raise InputError(
-            path, f"size {raw.size} bytes does not match its header ({cfg.shape_line()}): expected {expected}"
+            path,
+            f"size {raw.size} bytes does not match its llama2.c v0 header ({cfg.shape_line()}): "
+            f"expected {expected}",
         )
-    body = raw[V0_HEADER.size :].view("<f4")
-    parts: dict[str, np.ndarray] = {}
-    off = 0
-    for name, n in sizes:
-        parts[name] = body[off : off + n]
-        off += n
-    t: dict[str, torch.Tensor] = {
-        "tok_embeddings.weight": torch.from_numpy(parts["emb"].reshape(v, d).copy())
-    }
-    per_layer = {
-        "attention_norm.weight": ("rms_att", (d,)),
-        "attention.wq.weight": ("wq", (d, d)),
-        "attention.wk.weight": ("wk", (kvd, d)),
-        "attention.wv.weight": ("wv", (kvd, d)),
-        "attention.wo.weight": ("wo", (d, d)),
-        "ffn_norm.weight": ("rms_ffn", (d,)),
-        "feed_forward.w1.weight": ("w1", (f, d)),
-        "feed_forward.w2.weight": ("w2", (d, f)),
-        "feed_forward.w3.weight": ("w3", (f, d)),
-    }
-    for name, (key, shape) in per_layer.items():
-        stacked = parts[key].reshape(L, *shape)
-        for layer in range(L):
-            t[f"layers.{layer}.{name}"] = torch.from_numpy(stacked[layer].copy())
-    t["norm.weight"] = torch.from_numpy(parts["rms_final"].copy())
-    if not tied:
-        t["output.weight"] = torch.from_numpy(parts["wcls"].reshape(v, d).copy())
-    params = ModelParams.from_tensors(cfg, t)
-    if not torch.isfinite(params.flat).all():
-        raise InputError(path, "contains NaN or infinite weights")
+    params, _ = _fill(cfg, tensor_names(cfg, V0_ORDER, classifier=False), raw, V0_HEADER.size)
+    if not cfg.tied_classifier:  # wcls comes after the RoPE tables
+        wcls_at = expected - 4 * cfg.vocab_size * cfg.dim
+        params["output.weight"].view(-1).copy_(
+            torch.from_numpy(np.array(f32_at(raw, wcls_at, cfg.vocab_size * cfg.dim), dtype=np.float32))
+        )
+    require_finite(path, params.flat)
     return LoadedModel(cfg=cfg, params=params, format="llama2c-v0")
+
+
+def _read_v12(path: str | os.PathLike[str], raw: np.ndarray) -> LoadedModel:
+    if raw.size < HEADER_SIZE:
+        raise InputError(path, f"truncated: {raw.size} bytes is shorter than the 256-byte llama2.c header")
+    _, version, dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len, shared = V12_PREFIX.unpack(
+        raw[: V12_PREFIX.size].tobytes()
+    )
+    if version not in (1, 2):
+        raise InputError(path, f"unknown llama2.c format version {version} (known: 0, 1, 2)")
+    if shared not in (0, 1):
+        raise InputError(path, f"shared-classifier flag is {shared}, expected 0 or 1")
+    cfg = config_or_input_error(
+        path,
+        f"llama2.c v{version} header",
+        dim=dim,
+        hidden_dim=hidden,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        vocab_size=vocab,
+        seq_len=seq_len,
+        tied_classifier=bool(shared),
+        name=Path(path).name,
+    )
+    if version == 1:
+        expected = v1_file_size(cfg)
+        if raw.size != expected:
+            raise InputError(
+                path,
+                f"size {raw.size} bytes does not match its llama2.c v1 header ({cfg.shape_line()}): "
+                f"expected {expected}",
+            )
+        params, _ = _fill(cfg, tensor_names(cfg, V1_ORDER), raw, HEADER_SIZE)
+        require_finite(path, params.flat)
+        return LoadedModel(cfg=cfg, params=params, format="llama2c-v1")
+    return _read_v2(path, raw, cfg)
+
+
+def _read_v2(path: str | os.PathLike[str], raw: np.ndarray, cfg: ModelConfig) -> LoadedModel:
+    (gs,) = GROUP_SIZE.unpack(raw[V12_PREFIX.size : V12_PREFIX.size + 4].tobytes())
+    if gs <= 0:
+        raise InputError(path, f"Q8_0 group size {gs} must be positive")
+    quant_names = tensor_names(cfg, V2_QUANT)
+    params = ModelParams.zeros(cfg)
+    for name in quant_names:
+        if params[name].numel() % gs:
+            raise InputError(
+                path, f"Q8_0 group size {gs} does not divide {name} ({params[name].numel()} elements)"
+            )
+    expected = v2_file_size(cfg, gs)
+    if raw.size != expected:
+        raise InputError(
+            path,
+            f"size {raw.size} bytes does not match its llama2.c v2 header ({cfg.shape_line()}, "
+            f"group size {gs}): expected {expected}",
+        )
+    fp32_names = tensor_names(cfg, V2_FP32, classifier=False)
+    params, offset = _fill(cfg, fp32_names, raw, HEADER_SIZE)
+    for name in quant_names:
+        t = params[name]
+        n = t.numel()
+        q = torch.from_numpy(np.array(raw[offset : offset + n].view(np.int8)))
+        scale = torch.from_numpy(np.array(f32_at(raw, offset + n, n // gs), dtype=np.float32))
+        require_finite(path, scale, f"Q8_0 scales in {name}")
+        t.view(-1).copy_(dequantize_q80(q, scale, gs))
+        offset += n + 4 * (n // gs)
+    require_finite(path, params.flat)
+    return LoadedModel(cfg=cfg, params=params, format="llama2c-v2", extras={"group_size": gs})
+
+
+def looks_like_v0(raw: np.ndarray) -> bool:
+    """Whether ``raw`` has a valid v0 header whose size formula matches the byte count (v0 has no magic)."""
+    try:
+        return raw.size == v0_file_size(_v0_config("", raw))
+    except InputError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_llama2c(path: str | os.PathLike[str], params: ModelParams, version: int = 0) -> dict[str, Any]:
+    """Write ``params`` as a llama2.c version 0, 1 or 2 file, atomically; returns notes for the user.
+
+    Refuses (ConfigError) what the format cannot express; folds a residual scale into wo and w2.
+    """
+    if version not in (0, 1, 2):
+        raise ValueError(f"llama2.c format version {version} does not exist")
+    cfg = params.cfg
+    require_expressible(cfg, f"llama2.c v{version}")
+    notes: dict[str, Any] = {}
+    if cfg.residual_scale != 1.0:
+        notes["folded_residual_scale"] = cfg.residual_scale
+        params = fold_residual_scale(params)
+        cfg = params.cfg
+    p = params.tensors
+    header = (cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
+    with atomic_write(path) as f:
+        if version == 0:
+            vocab = cfg.vocab_size if cfg.tied_classifier else -cfg.vocab_size
+            f.write(V0_HEADER.pack(*header, vocab, cfg.seq_len))
+            write_all_f32(f, (p[n] for n in tensor_names(cfg, V0_ORDER, classifier=False)))
+            write_all_f32(f, rope_tables(cfg))
+            if not cfg.tied_classifier:
+                write_f32(f, p["output.weight"])
+            return notes
+        prefix = V12_PREFIX.pack(
+            MAGIC, version, *header, cfg.vocab_size, cfg.seq_len, int(cfg.tied_classifier)
+        )
+        if version == 1:
+            f.write(prefix.ljust(HEADER_SIZE, b"\0"))
+            write_all_f32(f, (p[n] for n in tensor_names(cfg, V1_ORDER)))
+            return notes
+        gs = q80_group_size(cfg.dim)
+        f.write((prefix + GROUP_SIZE.pack(gs)).ljust(HEADER_SIZE, b"\0"))
+        write_all_f32(f, (p[n] for n in tensor_names(cfg, V2_FP32, classifier=False)))
+        max_err = 0.0
+        for name in tensor_names(cfg, V2_QUANT):
+            q, scale, err = quantize_q80(p[name], gs)
+            f.write(q.numpy().tobytes())
+            write_f32(f, scale)
+            max_err = max(max_err, err)
+        notes.update(group_size=gs, max_quantization_error=max_err)
+    return notes
