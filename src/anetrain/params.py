@@ -5,7 +5,8 @@ same layout serves the weights, their gradients, the optimizer's moments and any
 copy, so that zeroing gradients, casting weights to bf16, all-reducing gradients or running AdamW are each
 one operation over one buffer. The buffer is ordered so that the tensors without weight decay (the RMSNorm
 gains) come first and form one slice, ``no_decay``, and everything else (matrices and the embedding) forms
-the other, ``decay``.
+the other, ``decay``. Within a layer the order is wq, wk, wv (adjacent, so ``qkv`` is one [Dq+2Dkv, D] matrix
+for a fused projection), wo, w1, w3 (adjacent: ``w13`` is one [2F, D] matrix), w2.
 
 Names follow llama2.c's ``model.py`` (and so its state dicts)::
 
@@ -67,8 +68,8 @@ def param_specs(cfg: ModelConfig) -> list[TensorSpec]:
             TensorSpec(p + "attention.wv.weight", (cfg.kv_dim, d), True),
             TensorSpec(p + "attention.wo.weight", (d, cfg.q_dim), True),
             TensorSpec(p + "feed_forward.w1.weight", (f, d), True),
-            TensorSpec(p + "feed_forward.w2.weight", (d, f), True),
             TensorSpec(p + "feed_forward.w3.weight", (f, d), True),
+            TensorSpec(p + "feed_forward.w2.weight", (d, f), True),
         ]
     norms.append(TensorSpec("norm.weight", (d,), False))
     if not cfg.tied_classifier:
@@ -93,6 +94,8 @@ class LayerParams:
     w1: torch.Tensor  # [F, D]  gate
     w2: torch.Tensor  # [D, F]  down
     w3: torch.Tensor  # [F, D]  up
+    qkv: torch.Tensor  # [Dq + 2 Dkv, D]: wq, wk, wv stacked (the same memory)
+    w13: torch.Tensor  # [2F, D]: w1, w3 stacked (the same memory)
 
 
 class ModelParams:
@@ -167,7 +170,16 @@ class ModelParams:
             w1=t[p + "feed_forward.w1.weight"],
             w2=t[p + "feed_forward.w2.weight"],
             w3=t[p + "feed_forward.w3.weight"],
+            qkv=self._stacked(p + "attention.wq.weight", p + "attention.wv.weight"),
+            w13=self._stacked(p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"),
         )
+
+    def _stacked(self, first: str, last: str) -> torch.Tensor:
+        """A view of adjacent [*, in] matrices first..last as one matrix (they share memory)."""
+        a, b = self.tensors[first], self.tensors[last]
+        start = a.data_ptr() - self.flat.data_ptr()
+        rows = (b.data_ptr() - a.data_ptr()) // (a.element_size() * a.shape[1]) + b.shape[0]
+        return self.flat[start // a.element_size() :][: rows * a.shape[1]].view(rows, a.shape[1])
 
     @property
     def embedding(self) -> torch.Tensor:

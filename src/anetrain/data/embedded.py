@@ -40,7 +40,7 @@ def prepare_embedded(
         write_corpus(corpus, n_stories, seed)
     if not tok_bin.exists():
         log(f"training a {vocab_size}-token BPE tokenizer on it: {tok_bin}")
-        train_tokenizer([str(corpus)], vocab_size, str(prefix))
+        train_tokenizer([corpus], vocab_size, str(prefix))
     if not tokens.exists():
         side = prepare([str(corpus)], str(prefix.with_suffix(".model")), tokens)
         log(f"tokenized: {side['n_tokens']:,} tokens in {tokens}")

@@ -1,8 +1,10 @@
-"""Executors for the weight-gradient GEMMs: run now (serial) or on a worker thread, concurrently with dx.
+"""Executors for the weight-gradient GEMMs: run now, on a worker thread, on a second CUDA stream, or on
+another device, concurrently with the dx kernels.
 
 A pipeline hands each dW GEMM to an executor as soon as its operands exist; ``wait()`` returns once all of
-them have run (before the optimizer reads the gradients, or before a buffer they read is overwritten).
-Each job writes its own gradient tensor, so jobs never race with each other; they only read activations.
+them have run (before the optimizer reads the gradients, or before a buffer they read is overwritten), and
+``flush(grads)`` moves any gradients accumulated elsewhere into the pipeline's gradients. Jobs run in
+submission order, so two jobs that add into the same tensor (a tied embedding and classifier) never race.
 """
 
 from __future__ import annotations
@@ -30,33 +32,38 @@ class SerialDW:
         self.busy_ms += (time.perf_counter() - t0) * 1e3
 
     def wait(self) -> float:
-        """Block until every submitted job has run; returns the ms spent waiting (always 0 here)."""
+        """Block until every submitted job has run; returns the ms spent waiting."""
         return 0.0
+
+    def flush(self, grads: Any) -> None:
+        pass
 
     def close(self) -> None:
         pass
 
 
 class ThreadDW:
-    """Runs jobs in submission order on one worker thread with its own intra-op thread budget.
+    """Runs jobs in submission order on one worker thread that uses ``threads`` intra-op threads.
 
-    torch's intra-op thread count is process-wide on CPU, so the budget is split by running the worker's
-    GEMMs while the main thread keeps its own work small; on CUDA the worker issues onto a side stream.
+    OpenMP's thread count is per calling thread, so the worker's GEMMs use ``threads`` cores while the main
+    thread uses what it sets for itself (the optimized pipeline gives each half of the cores in the backward).
     """
 
     name = "thread"
 
-    def __init__(self, stream: Any = None) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         self._q: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue()
         self._pending = 0
         self._cv = threading.Condition()
         self._error: BaseException | None = None
         self.busy_ms = 0.0
-        self._stream = stream
+        self._threads = threads
         self._thread = threading.Thread(target=self._run, name="anetrain-dw", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        if self._threads:
+            torch.set_num_threads(self._threads)
         while True:
             item = self._q.get()
             if item is None:
@@ -64,10 +71,7 @@ class ThreadDW:
             fn, args = item
             t0 = time.perf_counter()
             try:
-                if self._stream is not None:
-                    with torch.cuda.stream(self._stream):
-                        fn(*args)
-                else:
+                with torch.no_grad():
                     fn(*args)
             except BaseException as e:  # surfaced to the main thread at wait()
                 self._error = e
@@ -86,13 +90,94 @@ class ThreadDW:
         with self._cv:
             while self._pending:
                 self._cv.wait()
-        if self._stream is not None:
-            torch.cuda.current_stream().wait_stream(self._stream)
         if self._error is not None:
             err, self._error = self._error, None
             raise err
         return (time.perf_counter() - t0) * 1e3
 
+    def flush(self, grads: Any) -> None:
+        pass
+
     def close(self) -> None:
         self._q.put(None)
         self._thread.join(timeout=5)
+
+
+class StreamDW:
+    """CUDA: issues each job on a second stream that first waits for the work submitted so far."""
+
+    name = "stream"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        self.busy_ms = 0.0  # host-side issue time; GPU time overlaps and is not measured here
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        t0 = time.perf_counter()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            fn(*args)
+        self.busy_ms += (time.perf_counter() - t0) * 1e3
+
+    def wait(self) -> float:
+        t0 = time.perf_counter()
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return (time.perf_counter() - t0) * 1e3
+
+    def flush(self, grads: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class DeviceDW:
+    """Runs dW on another device (as the original's Metal option): operands are copied there, products
+    accumulate in that device's own buffers, and ``flush`` adds them into the pipeline's gradients."""
+
+    name = "device"
+
+    def __init__(self, device: torch.device, home: torch.device) -> None:
+        self.device = device
+        self.home = home
+        self.inner = ThreadDW() if device.type == "cpu" else StreamDW(device)
+        self._acc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(grad) -> (grad, remote accumulator)
+        self._staged: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def busy_ms(self) -> float:
+        return self.inner.busy_ms
+
+    def _remote(self, t: torch.Tensor, slot: int) -> torch.Tensor:
+        key = (slot, t.numel())
+        buf = self._staged.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+            self._staged[key] = buf
+        buf.copy_(t)
+        return buf
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """``fn(grad, *operands)``: ``grad`` is replaced by a remote accumulator, operands by remote copies."""
+        grad, *operands = args
+        acc = self._acc.get(id(grad))
+        if acc is None:
+            acc = (grad, torch.zeros(grad.shape, dtype=grad.dtype, device=self.device))
+            self._acc[id(grad)] = acc
+        remote = [
+            self._remote(t, i + 8 * len(self._staged)) if isinstance(t, torch.Tensor) else t
+            for i, t in enumerate(operands)
+        ]
+        self.inner.submit(fn, acc[1], *remote)
+
+    def wait(self) -> float:
+        return self.inner.wait()
+
+    def flush(self, grads: Any) -> None:
+        for grad, remote in self._acc.values():
+            grad.add_(remote.to(self.home))
+            remote.zero_()
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,0 +1,223 @@
+"""Hand-fused, allocation-free implementations of the kernels' elementwise work, for the optimized pipeline.
+
+Each function computes the same math as its counterpart in ``anetrain.kernels`` (tests compare them), but
+writes into caller-owned output tensors and uses caller-owned scratch, so that a training step in steady
+state allocates nothing. Statistics (RMSNorm, softmax, cross-entropy) are computed in float32 whatever the
+16-bit activation dtype; results are rounded to the output tensor's dtype once.
+
+Two rewritings make the attention cheaper without changing its math:
+
+* **Pre-scaled queries.** RoPE writes ``q * 1/sqrt(dh)``, so scores are a plain ``q k^T``; the backward then
+  gets ``dk = dS^T (q/sqrt(dh))`` directly and applies the same scale to ``dq`` in the inverse rotation.
+* **Grouped GEMMs for GQA.** With ``q`` stored as ``[B, Hkv, R, S, dh]`` (query head h = kv head h // R, member
+  h % R), the R query heads that share a kv head stack along the GEMM's M dimension:
+  ``scores = q[B*Hkv, R*S, dh] @ k[B*Hkv, dh, S]``. No K/V copies are made, and in the backward
+  ``dv = P^T dO`` and ``dk = dS^T q`` sum over the R heads inside the GEMM's contraction: the GQA reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+
+
+# ---- RMSNorm ---------------------------------------------------------------------------------------
+def rmsnorm_forward_into(
+    y: torch.Tensor, rstd: torch.Tensor, x: torch.Tensor, g: torch.Tensor, eps: float, tmp: torch.Tensor
+) -> None:
+    """y = x * rstd * g; rstd = 1/sqrt(mean(x^2) + eps).  x, tmp: [B, S, D] fp32; rstd: [B, S, 1] fp32."""
+    torch.mul(x, x, out=tmp)
+    torch.mean(tmp, dim=-1, keepdim=True, out=rstd)
+    rstd.add_(eps).rsqrt_()
+    torch.mul(x, rstd, out=tmp)
+    torch.mul(tmp, g, out=y)
+
+
+def rmsnorm_backward_into(
+    dx_acc: torch.Tensor,
+    dg_acc: torch.Tensor,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    rstd: torch.Tensor,
+    g: torch.Tensor,
+    xhat: torch.Tensor,
+    tmp: torch.Tensor,
+    proj: torch.Tensor,
+    dg_tmp: torch.Tensor,
+) -> None:
+    """dx_acc += RMSNorm'(dy); dg_acc += sum_t dy * xhat.
+
+    dy, x: [B, S, D] (16-bit or fp32); rstd, proj: [B, S, 1] fp32; xhat, tmp, dx_acc: [B, S, D] fp32;
+    g, dg_acc, dg_tmp: [D] fp32. dx = rstd * (dy*g - xhat * mean(dy*g*xhat)).
+    """
+    torch.mul(x, rstd, out=xhat)  # xhat = x * rstd
+    torch.mul(dy, xhat, out=tmp)
+    torch.sum(tmp, dim=(0, 1), out=dg_tmp)
+    dg_acc.add_(dg_tmp)
+    torch.mul(dy, g, out=tmp)  # dxhat = dy * g
+    xhat.mul_(tmp)
+    torch.mean(xhat, dim=-1, keepdim=True, out=proj)  # mean(dxhat * xhat)
+    torch.mul(x, rstd, out=xhat)
+    xhat.mul_(proj)
+    tmp.sub_(xhat).mul_(rstd)
+    dx_acc.add_(tmp)
+
+
+# ---- RoPE, fused with the split of the qkv projection and the transpose to heads ---------------------
+def rope_split_into(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qkv: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    tq: torch.Tensor,
+    tk: torch.Tensor,
+) -> None:
+    """q, k, v (heads-first) from qkv: [B, S, Dq+2Dkv]; q, k rotated, q also scaled by 1/sqrt(dh).
+
+    q: [B, H, S, dh]; k, v: [B, Hkv, S, dh]; tables = (cos, sin) for q (pre-scaled) and for k, each
+    [S, 1, dh/2] fp32; tq: [B, S, H, dh/2] and tk: [B, S, Hkv, dh/2] fp32 scratch.
+    """
+    b, h, s, dh = q.shape
+    hkv = k.shape[1]
+    dq, dkv = h * dh, hkv * dh
+    cq, sq, ck, sk = tables
+    for src, dst, n_heads, t, cs, ss in (
+        (qkv[..., :dq], q, h, tq, cq, sq),
+        (qkv[..., dq : dq + dkv], k, hkv, tk, ck, sk),
+    ):
+        xin = src.unflatten(-1, (n_heads, dh // 2, 2))  # [B, S, n, dh/2, 2]
+        x0, x1 = xin[..., 0], xin[..., 1]
+        out = dst.view(b, n_heads, s, dh // 2, 2).transpose(1, 2)  # [B, S, n, dh/2, 2] view of dst
+        torch.mul(x0, cs, out=t)
+        torch.addcmul(t, x1, ss, value=-1.0, out=out[..., 0])  # x0 cos - x1 sin
+        torch.mul(x1, cs, out=t)
+        torch.addcmul(t, x0, ss, out=out[..., 1])  # x1 cos + x0 sin
+    v.copy_(qkv[..., dq + dkv :].unflatten(-1, (hkv, dh)).transpose(1, 2))
+
+
+def rope_merge_backward_into(
+    dqkv: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    tq: torch.Tensor,
+    tk: torch.Tensor,
+) -> None:
+    """dqkv: [B, S, Dq+2Dkv] from heads-first dq (w.r.t. the scaled, rotated q), dk, dv, through RoPE^-1."""
+    b, h, s, dh = dq.shape
+    hkv = dk.shape[1]
+    nq, nkv = h * dh, hkv * dh
+    cq, sq, ck, sk = tables
+    for src, dst, n_heads, t, cs, ss in (
+        (dq, dqkv[..., :nq], h, tq, cq, sq),
+        (dk, dqkv[..., nq : nq + nkv], hkv, tk, ck, sk),
+    ):
+        din = src.view(b, n_heads, s, dh // 2, 2).transpose(1, 2)  # [B, S, n, dh/2, 2]
+        d0, d1 = din[..., 0], din[..., 1]
+        out = dst.unflatten(-1, (n_heads, dh // 2, 2))
+        torch.mul(d0, cs, out=t)
+        torch.addcmul(t, d1, ss, out=out[..., 0])  # d0 cos + d1 sin
+        torch.mul(d1, cs, out=t)
+        torch.addcmul(t, d0, ss, value=-1.0, out=out[..., 1])  # d1 cos - d0 sin
+    dqkv[..., nq + nkv :].unflatten(-1, (hkv, dh)).copy_(dv.transpose(1, 2))
+
+
+# ---- causal attention over grouped heads -------------------------------------------------------------
+def attention_forward_into(
+    out: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    future: torch.Tensor,
+    scores: torch.Tensor,
+) -> None:
+    """out = softmax(q k^T + M) v with q pre-scaled; keeps P for the backward.
+
+    q, out: [B, H, S, dh]; k, v: [B, Hkv, S, dh]; p, scores: [B*Hkv, R*S, S]; future: [S, S] bool (t' > t).
+    """
+    b, h, s, dh = q.shape
+    hkv = k.shape[1]
+    qg = q.view(b * hkv, -1, dh)  # [B*Hkv, R*S, dh]
+    kg = k.view(b * hkv, s, dh)
+    torch.bmm(qg, kg.transpose(1, 2), out=scores)
+    scores.view(b * hkv, -1, s, s).masked_fill_(future, float("-inf"))
+    aten._softmax.out(scores, -1, False, out=p)
+    torch.bmm(p, v.view(b * hkv, s, dh), out=out.view(b * hkv, -1, dh))
+
+
+def attention_backward_into(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    dout: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dp: torch.Tensor,
+    ds: torch.Tensor,
+) -> None:
+    """dq (w.r.t. the scaled q), dk, dv from dout: [B, H, S, dh]; the GQA sums happen inside the GEMMs."""
+    b, h, s, dh = q.shape
+    hkv = k.shape[1]
+    g = b * hkv
+    dog = dout.view(g, -1, dh)  # [B*Hkv, R*S, dh]
+    torch.bmm(p.transpose(1, 2), dog, out=dv.view(g, s, dh))  # dv = P^T dO, summed over the group
+    torch.bmm(dog, v.view(g, s, dh).transpose(1, 2), out=dp)  # dP = dO V^T
+    aten._softmax_backward_data.out(dp, p, -1, p.dtype, grad_input=ds)  # dS = P (dP - rowsum(P dP))
+    torch.bmm(ds, k.view(g, s, dh), out=dq.view(g, -1, dh))  # dq = dS K
+    torch.bmm(ds.transpose(1, 2), q.view(g, -1, dh), out=dk.view(g, s, dh))  # dk = dS^T q
+
+
+# ---- SwiGLU ------------------------------------------------------------------------------------------
+def swiglu_forward_into(g: torch.Tensor, h13: torch.Tensor) -> None:
+    """g = silu(h1) * h3 with h13 = [h1 | h3]: [N, 2F] -> g: [N, F]."""
+    f = g.shape[-1]
+    aten.silu.out(h13[..., :f], out=g)
+    g.mul_(h13[..., f:])
+
+
+def swiglu_backward_into(dh13: torch.Tensor, dg: torch.Tensor, h13: torch.Tensor, tmp: torch.Tensor) -> None:
+    """dh13 = [dh1 | dh3]: dh1 = dg * h3 * silu'(h1), dh3 = dg * silu(h1).  dg, tmp: [N, F]."""
+    f = dg.shape[-1]
+    h1, h3 = h13[..., :f], h13[..., f:]
+    torch.mul(dg, h3, out=tmp)
+    aten.silu_backward.grad_input(tmp, h1, grad_input=dh13[..., :f])
+    aten.silu.out(h1, out=tmp)
+    torch.mul(dg, tmp, out=dh13[..., f:])
+
+
+# ---- classifier + cross-entropy, one chunk of rows ---------------------------------------------------------
+def cross_entropy_chunk_into(
+    dlogits: torch.Tensor,
+    loss_acc: torch.Tensor,
+    logits16: torch.Tensor,
+    targets: torch.Tensor,
+    grad_scale: float,
+    logits32: torch.Tensor,
+    logp32: torch.Tensor,
+    picked: torch.Tensor,
+    picked_sum: torch.Tensor,
+    flat_idx: torch.Tensor,
+    row_base: torch.Tensor,
+    minus_one: torch.Tensor,
+) -> None:
+    """dlogits = (softmax - onehot) * grad_scale; loss_acc += sum of -log p[target]   (c rows of [c, V]).
+
+    logits16: [c, V] (16-bit GEMM output); logits32, logp32: [c, V] fp32 scratch; targets: [c] int64;
+    picked: [c, 1] fp32; picked_sum: [] fp32; flat_idx: [c] int64; row_base: [c] int64 = arange(c) * V;
+    minus_one: [c] fp32 of -1.
+    """
+    logits32.copy_(logits16)
+    aten._log_softmax.out(logits32, -1, False, out=logp32)
+    torch.gather(logp32, 1, targets[:, None], out=picked)
+    torch.sum(picked, dim=(0, 1), out=picked_sum)
+    loss_acc.sub_(picked_sum)
+    torch.exp(logp32, out=logits32)  # softmax
+    torch.add(row_base, targets, out=flat_idx)
+    logits32.view(-1).index_add_(0, flat_idx, minus_one)  # minus the one-hot target
+    torch.mul(logits32, grad_scale, out=dlogits)

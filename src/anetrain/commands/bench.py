@@ -1,0 +1,92 @@
+"""``anetrain bench``: reference (usual PyTorch) vs baseline vs optimized, one table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+ORDER = 50
+
+DESCRIPTION = """\
+Benchmark, in one process, on the same random tokens and the same initial weights: (a) the reference model
+trained the usual way (autograd, torch.compile, autocast, fused AdamW, clipping: llama2.c's train.py with
+its optimizer made as fast as torch allows), (b) anetrain's baseline pipeline (fp32, serial), (c) the
+optimized pipeline. A step is one micro-batch; the optimizer runs once per --accum steps and its time is
+spread over them. ms/step is the median of the timed steps after --warmup steps."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..cli import HelpFormatter
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark the usual PyTorch trainer against anetrain's pipelines",
+        description=DESCRIPTION,
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--model", default="stories110M", help="preset name or model config file")
+    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--accum", type=int, default=10, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=20, help="timed micro-steps per row")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed micro-steps first (default: one optimizer step's worth, at least 3)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        default="bf16",
+        help="precision of the reference and optimized rows (baseline is always fp32)",
+    )
+    p.add_argument(
+        "--rows",
+        default="reference,baseline,optimized",
+        help="comma-separated rows to run: reference, baseline, optimized",
+    )
+    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"), help="device to run on")
+    p.add_argument("--no-compile", action="store_true", help="do not torch.compile the reference model")
+    p.add_argument("--seed", type=int, default=1337, help="seed for the weights and the token windows")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import BenchConfig, format_table, run_bench, write_json
+    from ..config import resolve_config
+    from ..errors import ConfigError
+
+    for name in ("batch", "seq", "accum", "steps"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name} must be positive")
+    cfg = resolve_config(args.model)
+    warmup = args.warmup if args.warmup is not None else max(3, args.accum)
+    bc = BenchConfig(
+        cfg=cfg,
+        batch=args.batch,
+        seq=args.seq,
+        accum=args.accum,
+        steps=args.steps,
+        warmup=warmup,
+        dtype=args.dtype,
+        rows=tuple(r.strip() for r in args.rows.split(",") if r.strip()),
+        seed=args.seed,
+        device=args.backend,
+        compile=not args.no_compile,
+    )
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = run_bench(bc, log)
+    print(
+        f"{cfg.name}: batch {bc.batch} x {bc.seq}, accum {bc.accum}, {bc.dtype}; "
+        f"{result['machine']['cpu']} ({result['machine']['torch_threads']} threads)"
+    )
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+    lc = result.get("loss_check")
+    return 0 if lc is None or lc["ok"] else 1

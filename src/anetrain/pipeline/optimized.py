@@ -1,0 +1,432 @@
+"""The optimized pipeline: the same kernels, scheduled for speed (the original's train_opt, done for CPU/GPU).
+
+What differs from the baseline, and why:
+
+* **16-bit compute, fp32 master.** GEMMs run in bf16 (fp16 with loss scaling where bf16 is not native) on a
+  16-bit copy of the weights refreshed once per optimizer step (one cast over the flat buffer), not per
+  micro-step as autocast does. The residual stream, norm statistics, softmax and cross-entropy are fp32;
+  gradients accumulate in fp32.
+* **16-bit taps.** Every activation kept for the backward is stored in the compute dtype.
+* **Buffers allocated once.** All activations, taps, gradients and scratch live in a workspace made for the
+  first (batch, seq) shape; every operation writes into it (``out=``), so a steady-state step does not call
+  the allocator (tests check this with torch's dispatch hooks).
+* **Fused layout.** wq/wk/wv and w1/w3 are adjacent in the parameter buffer, so the q/k/v projection and the
+  gate/up projection are one GEMM each, forward, dx and dW (see ``anetrain.params``).
+* **Concurrent dW.** Weight-gradient GEMMs go to an executor as soon as their operands exist: a worker thread
+  on CPU (the intra-op thread budget split between it and the main thread during the backward), a second
+  stream on CUDA, or another device (``dw_device``). Each layer's dW operands have their own buffers, so the
+  worker never races the dx path.
+* **Hand-fused elementwise work** (``anetrain.backends.fused``): RMSNorm, RoPE with the head transpose and the
+  query scale folded in, grouped-GEMM attention for GQA, SwiGLU, and a chunked classifier + cross-entropy that
+  never holds fp32 logits for more than ``loss_chunk`` rows.
+* **Fused optimizer.** AdamW is torch's fused multi-tensor kernel over two flat tensors (``anetrain.optim``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backends import fused as F
+from ..data.compaction import VocabCompaction
+from ..kernels.rope import Rope
+from ..params import ModelParams
+from ..timing import PhaseTimes
+from .dw import DeviceDW, SerialDW, StreamDW, ThreadDW
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class LayerBuffers:
+    """Per-layer taps and dW operands (all [B, S, ...] unless noted)."""
+
+    x: torch.Tensor  # [B, S, D]       layer input (cdt)
+    rstd1: torch.Tensor  # [B, S, 1]   fp32
+    xn: torch.Tensor  # [B, S, D]      normalized input: dW of qkv
+    q: torch.Tensor  # [B, H, S, dh]   rotated, pre-scaled
+    k: torch.Tensor  # [B, Hkv, S, dh] rotated
+    v: torch.Tensor  # [B, Hkv, S, dh]
+    p: torch.Tensor  # [B*Hkv, R*S, S] attention probabilities
+    attn: torch.Tensor  # [B, S, Dq]   dW of wo
+    x2: torch.Tensor  # [B, S, D]      FFN input
+    rstd2: torch.Tensor  # [B, S, 1]
+    xn2: torch.Tensor  # [B, S, D]     dW of w13
+    h13: torch.Tensor  # [B, S, 2F]
+    g: torch.Tensor  # [B, S, F]       dW of w2
+    df: torch.Tensor  # [B, S, D]      dW operand (alpha * dy)
+    dh13: torch.Tensor  # [B, S, 2F]   dW operand
+    do: torch.Tensor  # [B, S, D]      dW operand (alpha * dx2)
+    dqkv: torch.Tensor  # [B, S, Dq+2Dkv] dW operand
+
+
+@dataclass
+class Workspace:
+    batch: int
+    seq: int
+    layers: list[LayerBuffers]
+    scratch: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self.__dict__["scratch"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class OptimizedPipeline:
+    """Implements :class:`anetrain.pipeline.base.Pipeline`; see the module docstring."""
+
+    name = "optimized"
+
+    def __init__(
+        self,
+        params: ModelParams,
+        *,
+        dtype: str = "bf16",
+        compile: bool = False,
+        dw_device: str | None = None,
+        compaction: VocabCompaction | None = None,
+        loss_chunk: int | None = None,
+        dw: str = "auto",
+    ) -> None:
+        self.cfg = params.cfg
+        self.params = params  # fp32 master
+        self.device = params.flat.device
+        self.precision = dtype
+        self.cdt = DTYPES[dtype]
+        self.needs_loss_scaling = dtype == "fp16"
+        self.grads = params.like()
+        self.times = PhaseTimes()
+        self.compaction = compaction
+        self.loss_chunk = loss_chunk or 64
+        self.compile_requested = compile
+        self.backend = self.device.type
+        # the compute copy of the weights (the master itself in fp32)
+        self.w = params if self.cdt == torch.float32 else params.like(self.cdt)
+        self.w_cls: torch.Tensor = self.w.classifier
+        self.after_update()
+        self.ws: Workspace | None = None
+        cpu_threads = torch.get_num_threads()
+        if dw_device is not None and torch.device(dw_device) != self.device:
+            self.dw = DeviceDW(torch.device(dw_device), self.device)
+        elif self.device.type == "cuda":
+            self.dw = StreamDW(self.device)
+        elif dw == "serial" or (dw == "auto" and cpu_threads < 2):
+            self.dw = SerialDW()
+        else:
+            self.dw = ThreadDW(threads=max(1, cpu_threads // 2))
+        # during the backward the main thread leaves the other half of the cores to the dW worker
+        self.main_threads = cpu_threads
+        self.backward_threads = (
+            max(1, cpu_threads - cpu_threads // 2) if isinstance(self.dw, ThreadDW) else cpu_threads
+        )
+
+    # ---- state ---------------------------------------------------------------------------------
+    def after_update(self) -> None:
+        """Refresh the 16-bit weights (one cast over the flat buffer) and the compacted classifier."""
+        if self.w is not self.params:
+            self.w.flat.copy_(self.params.flat)
+        if self.compaction is not None:
+            ids = self.compaction.ids.to(self.device)
+            if not hasattr(self, "_cls_buf"):
+                self._cls_buf = torch.empty(ids.numel(), self.cfg.dim, dtype=self.cdt, device=self.device)
+                self._ids = ids
+            torch.index_select(self.w.classifier, 0, ids, out=self._cls_buf)
+            self.w_cls = self._cls_buf
+        else:
+            self.w_cls = self.w.classifier
+
+    def zero_grad(self) -> None:
+        self.grads.flat.zero_()
+
+    def close(self) -> None:
+        self.dw.close()
+
+    def warmup(self, window: torch.Tensor) -> None:
+        """Allocate the workspace for this window shape and run one step (then forget its gradients)."""
+        self.forward_backward(window, 1.0)
+        self.zero_grad()
+        self.times.reset()
+
+    # ---- workspace -------------------------------------------------------------------------------
+    def _workspace(self, b: int, s: int) -> Workspace:
+        if self.ws is not None and (self.ws.batch, self.ws.seq) == (b, s):
+            return self.ws
+        c = self.cfg
+        d, f, h, hkv, dh = c.dim, c.hidden_dim, c.n_heads, c.n_kv_heads, c.head_dim
+        dqkv = c.q_dim + 2 * c.kv_dim
+        r = h // hkv
+        n = b * s
+        cdt, f32, dev = self.cdt, torch.float32, self.device
+
+        def e(*shape: int, dtype: torch.dtype = cdt) -> torch.Tensor:
+            return torch.empty(*shape, dtype=dtype, device=dev)
+
+        layers = [
+            LayerBuffers(
+                x=e(b, s, d),
+                rstd1=e(b, s, 1, dtype=f32),
+                xn=e(b, s, d),
+                q=e(b, h, s, dh),
+                k=e(b, hkv, s, dh),
+                v=e(b, hkv, s, dh),
+                p=e(b * hkv, r * s, s),
+                attn=e(b, s, c.q_dim),
+                x2=e(b, s, d),
+                rstd2=e(b, s, 1, dtype=f32),
+                xn2=e(b, s, d),
+                h13=e(b, s, 2 * f),
+                g=e(b, s, f),
+                df=e(b, s, d),
+                dh13=e(b, s, 2 * f),
+                do=e(b, s, d),
+                dqkv=e(b, s, dqkv),
+            )
+            for _ in range(c.n_layers)
+        ]
+        vc = self.w_cls.shape[0]
+        chunk = min(self.loss_chunk, n)
+        rope = Rope.build(max(s, c.seq_len), dh, c.rope_theta, f32, dev)
+        scale = 1.0 / dh**0.5
+        cos, sin = rope.cos[:s, None, :], rope.sin[:s, None, :]
+        scratch = {
+            "tokens": torch.empty(n, dtype=torch.long, device=dev),
+            "targets": torch.empty(n, dtype=torch.long, device=dev),
+            "x": e(b, s, d, dtype=f32),  # the residual stream
+            "tmp": e(b, s, d, dtype=f32),
+            "tmp2": e(b, s, d, dtype=f32),
+            "proj": e(b, s, 1, dtype=f32),
+            "dg_tmp": e(d, dtype=f32),
+            "qkv": e(b, s, dqkv),
+            "tq": e(b, s, h, dh // 2, dtype=f32),
+            "tk": e(b, s, hkv, dh // 2, dtype=f32),
+            "scores": e(b * hkv, r * s, s),
+            "out": e(b, h, s, dh),
+            "o": e(b, s, d),
+            "f": e(b, s, d),
+            "xL": e(b, s, d),
+            "rstdf": e(b, s, 1, dtype=f32),
+            "xf": e(b, s, d),
+            "logits16": e(chunk, vc),
+            "logits32": e(chunk, vc, dtype=f32),
+            "logp32": e(chunk, vc, dtype=f32),
+            "picked": e(chunk, 1, dtype=f32),
+            "picked_sum": e((), dtype=f32),
+            "flat_idx": e(chunk, dtype=torch.long),
+            "row_base": torch.arange(chunk, device=dev) * vc,
+            "minus_one": torch.full((chunk,), -1.0, device=dev),
+            "loss": e((), dtype=f32),
+            "dlogits": e(n, vc),
+            "dxf": e(b, s, d),
+            "dy": e(b, s, d, dtype=f32),
+            "dx2": e(b, s, d, dtype=f32),
+            "dg": e(b, s, f),
+            "gtmp": e(b, s, f),
+            "dxn": e(b, s, d),
+            "dattn": e(b, s, c.q_dim),
+            "dout": e(b, h, s, dh),
+            "dp": e(b * hkv, r * s, s),
+            "ds": e(b * hkv, r * s, s),
+            "dq": e(b, h, s, dh),
+            "dk": e(b, hkv, s, dh),
+            "dv": e(b, hkv, s, dh),
+            "future": torch.ones(s, s, dtype=torch.bool, device=dev).triu(1),
+            "cq": cos * scale,
+            "sq": sin * scale,
+            "ck": cos.clone(),
+            "sk": sin.clone(),
+            # dW products in the compute dtype, one per shape (only the dW executor touches these)
+            "mm_qkv": e(dqkv, d),
+            "mm_wo": e(d, c.q_dim),
+            "mm_w13": e(2 * f, d),
+            "mm_w2": e(d, f),
+            "mm_cls": e(vc, d),
+        }
+        if self.compaction is not None:
+            scratch["cls_grad"] = e(vc, d, dtype=f32)
+        self.ws = Workspace(b, s, layers, scratch)
+        return self.ws
+
+    # ---- dW jobs (run by the executor) ---------------------------------------------------------------
+    @staticmethod
+    def _weight_grad(gw: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, prod: torch.Tensor) -> None:
+        """gw (fp32) += dy^T x, the product formed in the compute dtype."""
+        if prod.dtype == gw.dtype:
+            gw.addmm_(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+            return
+        torch.mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]), out=prod)
+        gw.add_(prod)
+
+    def _classifier_grad(self, dlogits: torch.Tensor, xf: torch.Tensor, prod: torch.Tensor) -> None:
+        g_cls = self.grads.classifier
+        if self.compaction is None:
+            self._weight_grad(g_cls, dlogits, xf, prod)
+            return
+        acc = self.ws.cls_grad  # type: ignore[union-attr]
+        acc.zero_()
+        self._weight_grad(acc, dlogits, xf, prod)
+        g_cls.index_add_(0, self._ids, acc)
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def loss(self, window: torch.Tensor) -> float:
+        ws = self._workspace(window.shape[0], window.shape[1] - 1)
+        self._forward(window, ws)
+        return float(self._classifier(ws, 1.0, backward=False))
+
+    # ---- one micro-step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_backward(self, window: torch.Tensor, grad_scale: float = 1.0) -> float:
+        b, s1 = window.shape
+        ws = self._workspace(b, s1 - 1)
+        dw_busy0 = self.dw.busy_ms
+        with self.times.phase("forward"):
+            self._forward(window, ws)
+            loss = self._classifier(ws, grad_scale, backward=True)
+        with self.times.phase("backward_dx"):
+            self._backward(ws)
+        self.times.add("wait", self.dw.wait())
+        self.dw.flush(self.grads)
+        dw_ms = self.dw.busy_ms - dw_busy0
+        self.times.add("dw", dw_ms)
+        if isinstance(self.dw, SerialDW):
+            self.times.add("backward_dx", -dw_ms)
+        return float(loss)
+
+    def _forward(self, window: torch.Tensor, ws: Workspace) -> None:
+        cfg, w, p32 = self.cfg, self.w, self.params
+        alpha, eps = cfg.residual_scale, cfg.norm_eps
+        b, s = ws.batch, ws.seq
+        n = b * s
+        ws.tokens.view(b, s).copy_(window[:, :-1])
+        ws.targets.view(b, s).copy_(window[:, 1:])
+        if self.compaction is not None:
+            torch.index_select(self.compaction.full_to_compact.to(self.device), 0, ws.targets, out=ws.targets)
+        x = ws.x
+        torch.index_select(p32.embedding, 0, ws.tokens, out=x.view(n, -1))  # fp32 rows of the master table
+        tables = (ws.cq, ws.sq, ws.ck, ws.sk)
+        for lw, lp, lb in zip(w.layers, p32.layers, ws.layers, strict=True):
+            # attention block
+            lb.x.copy_(x)
+            F.rmsnorm_forward_into(lb.xn, lb.rstd1, x, lp.attention_norm, eps, ws.tmp)
+            torch.mm(lb.xn.view(n, -1), lw.qkv.t(), out=ws.qkv.view(n, -1))
+            F.rope_split_into(lb.q, lb.k, lb.v, ws.qkv, tables, ws.tq, ws.tk)
+            F.attention_forward_into(ws.out, lb.p, lb.q, lb.k, lb.v, ws.future, ws.scores)
+            lb.attn.view(b, s, cfg.n_heads, -1).copy_(ws.out.transpose(1, 2))
+            # output projection + residual
+            torch.mm(lb.attn.view(n, -1), lw.wo.t(), out=ws.o.view(n, -1))
+            x.add_(ws.o, alpha=alpha)
+            # FFN block + residual
+            lb.x2.copy_(x)
+            F.rmsnorm_forward_into(lb.xn2, lb.rstd2, x, lp.ffn_norm, eps, ws.tmp)
+            torch.mm(lb.xn2.view(n, -1), lw.w13.t(), out=lb.h13.view(n, -1))
+            F.swiglu_forward_into(lb.g, lb.h13)
+            torch.mm(lb.g.view(n, -1), lw.w2.t(), out=ws.f.view(n, -1))
+            x.add_(ws.f, alpha=alpha)
+        ws.xL.copy_(x)
+        F.rmsnorm_forward_into(ws.xf, ws.rstdf, x, p32.final_norm, eps, ws.tmp)
+
+    def _classifier(self, ws: Workspace, grad_scale: float, backward: bool) -> torch.Tensor:
+        """Chunked classifier + cross-entropy; with ``backward``, also dlogits and dxf. Returns the mean loss."""
+        n = ws.batch * ws.seq
+        xf = ws.xf.view(n, -1)
+        wc = self.w_cls
+        ws.loss.zero_()
+        chunk = ws.logits16.shape[0]
+        for lo in range(0, n, chunk):
+            c = min(chunk, n - lo)
+            logits16 = ws.logits16[:c]
+            torch.mm(xf[lo : lo + c], wc.t(), out=logits16)
+            F.cross_entropy_chunk_into(
+                ws.dlogits[lo : lo + c],
+                ws.loss,
+                logits16,
+                ws.targets[lo : lo + c],
+                grad_scale / n,
+                ws.logits32[:c],
+                ws.logp32[:c],
+                ws.picked[:c],
+                ws.picked_sum,
+                ws.flat_idx[:c],
+                ws.row_base[:c],
+                ws.minus_one[:c],
+            )
+            if backward:
+                torch.mm(ws.dlogits[lo : lo + c], wc, out=ws.dxf.view(n, -1)[lo : lo + c])
+        if backward:
+            self.dw.submit(self._classifier_grad, ws.dlogits, xf, ws.mm_cls)
+        return float(ws.loss) / n  # type: ignore[return-value]
+
+    def _backward(self, ws: Workspace) -> None:
+        cfg, w, p32, g = self.cfg, self.w, self.params, self.grads
+        alpha = cfg.residual_scale
+        b, s = ws.batch, ws.seq
+        n = b * s
+        dy, dx2 = ws.dy, ws.dx2
+        tables = (ws.cq, ws.sq, ws.ck, ws.sk)
+        submit = self.dw.submit
+        threads_changed = self.backward_threads != self.main_threads
+        if threads_changed:
+            torch.set_num_threads(self.backward_threads)
+        try:
+            dy.zero_()
+            F.rmsnorm_backward_into(
+                dy, g.final_norm, ws.dxf, ws.xL, ws.rstdf, p32.final_norm, ws.tmp, ws.tmp2, ws.proj, ws.dg_tmp
+            )
+            for lw, lp, lg, lb in zip(
+                reversed(w.layers), reversed(p32.layers), reversed(g.layers), reversed(ws.layers), strict=True
+            ):
+                # FFN half: df = alpha dy; dg = df W2; SwiGLU'; dxn2 = dh13 W13
+                torch.mul(dy, alpha, out=lb.df)
+                submit(self._weight_grad, lg.w2, lb.df, lb.g, ws.mm_w2)
+                torch.mm(lb.df.view(n, -1), lw.w2, out=ws.dg.view(n, -1))
+                F.swiglu_backward_into(lb.dh13, ws.dg, lb.h13, ws.gtmp)
+                submit(self._weight_grad, lg.w13, lb.dh13, lb.xn2, ws.mm_w13)
+                torch.mm(lb.dh13.view(n, -1), lw.w13, out=ws.dxn.view(n, -1))
+                dx2.copy_(dy)  # the residual passes dy straight through
+                F.rmsnorm_backward_into(
+                    dx2,
+                    lg.ffn_norm,
+                    ws.dxn,
+                    lb.x2,
+                    lb.rstd2,
+                    lp.ffn_norm,
+                    ws.tmp,
+                    ws.tmp2,
+                    ws.proj,
+                    ws.dg_tmp,
+                )
+                # attention half: do = alpha dx2; dattn = do Wo; attention'; RoPE^-1; dxn = dqkv Wqkv
+                torch.mul(dx2, alpha, out=lb.do)
+                submit(self._weight_grad, lg.wo, lb.do, lb.attn, ws.mm_wo)
+                torch.mm(lb.do.view(n, -1), lw.wo, out=ws.dattn.view(n, -1))
+                ws.dout.copy_(ws.dattn.view(b, s, cfg.n_heads, -1).transpose(1, 2))
+                F.attention_backward_into(ws.dq, ws.dk, ws.dv, ws.dout, lb.p, lb.q, lb.k, lb.v, ws.dp, ws.ds)
+                F.rope_merge_backward_into(lb.dqkv, ws.dq, ws.dk, ws.dv, tables, ws.tq, ws.tk)
+                submit(self._weight_grad, lg.qkv, lb.dqkv, lb.xn, ws.mm_qkv)
+                torch.mm(lb.dqkv.view(n, -1), lw.qkv, out=ws.dxn.view(n, -1))
+                dy.copy_(dx2)
+                F.rmsnorm_backward_into(
+                    dy,
+                    lg.attention_norm,
+                    ws.dxn,
+                    lb.x,
+                    lb.rstd1,
+                    lp.attention_norm,
+                    ws.tmp,
+                    ws.tmp2,
+                    ws.proj,
+                    ws.dg_tmp,
+                )
+            # embedding backward on the executor too: with a tied classifier it adds into the same table
+            submit(_embedding_grad, g.embedding, ws.tokens, dy.view(n, -1))
+        finally:
+            if threads_changed:
+                torch.set_num_threads(self.main_threads)
+
+
+def _embedding_grad(g_emb: torch.Tensor, tokens: torch.Tensor, dy: torch.Tensor) -> None:
+    """g_emb[tokens[n]] += dy[n] (one indexed operation)."""
+    g_emb.index_add_(0, tokens, dy)
