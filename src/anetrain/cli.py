@@ -17,6 +17,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NoReturn
 
 from . import __version__, commands
 from .errors import AnetrainError
@@ -37,8 +38,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows each option's default and keeps description paragraphs as written."""
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``anetrain: error: ...``) and exit status 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"anetrain: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="anetrain",
         description="Train small Llama-family language models with explicit forward/backward kernels.",
         formatter_class=HelpFormatter,

@@ -406,7 +406,7 @@ class Trainer:
         else:
             self.sampler = RandomSampler(tokens, self.data.n_train, o.seq, o.batch, o.seed)
         self.eval_set = []
-        if self.data.val is not None and o.eval_every >= 0 and o.eval_batches > 0:
+        if self.data.val is not None and o.eval_every > 0 and o.eval_batches > 0:
             lo, hi = self.data.val_range  # type: ignore[misc]
             self.eval_set = eval_windows(self.data.val.tokens, lo, hi, o.seq, o.batch, o.eval_batches)
 
@@ -784,13 +784,19 @@ def default_run_dir(model: str) -> Path:
 def load_resume_options(run_dir: Path, given: dict[str, Any]) -> TrainOptions:
     """The run's saved options, with the allowed overrides from the command line; refuses the others."""
     try:
-        saved = json.loads((run_dir / "config.json").read_text("utf-8"))["train"]
+        doc = json.loads((run_dir / "config.json").read_text("utf-8"))
+        saved = doc["train"]
     except FileNotFoundError:
         raise InputError(run_dir, "not a run directory (no config.json)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(run_dir / "config.json", f"unreadable ({e})") from None
     known = {f.name for f in fields(TrainOptions)}
     opts = TrainOptions(**{k: v for k, v in saved.items() if k in known})
+    opts.stop_at = None  # a --stop-at is for one process only; a plain resume runs to --steps
+    # paths as recorded (absolute), so a resume from another directory finds the files
+    for key in ("data", "val_data", "tokenizer"):
+        if doc.get(key):
+            setattr(opts, key, doc[key])
     for k, v in given.items():
         if k in RESUME_OVERRIDABLE or k == "model":
             continue

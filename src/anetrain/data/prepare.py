@@ -33,7 +33,7 @@ from .tokens import sidecar_path
 
 SEPARATORS = ("blank", "endoftext")
 _ENDOFTEXT = re.compile(r"^\s*<\|endoftext\|>\s*$", re.MULTILINE)
-_BLANK = re.compile(r"\n\s*\n")
+_BLANK = re.compile(r"\n\n")  # exactly as llama2.c-style splitting on "\n\n"
 UINT16_LIMIT = 65536
 
 
@@ -76,7 +76,7 @@ def read_documents(
         if separator not in SEPARATORS:
             raise AnetrainError(f"unknown separator {separator!r} (known: {', '.join(SEPARATORS)})")
         pattern = _ENDOFTEXT if separator == "endoftext" else _BLANK
-        docs = pattern.split(text)
+        docs = pattern.split(text.replace("\r\n", "\n"))
     return [d.strip() for d in docs if d.strip()]
 
 

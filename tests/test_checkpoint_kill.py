@@ -1,0 +1,130 @@
+"""Crash safety with real processes: kill -9 at random moments and in the middle of checkpoint writes, and
+SIGTERM / SIGINT / control/stop, each followed by a resume."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+import pytest
+
+from anetrain.checkpoint import find_checkpoint, load_checkpoint, verify_checkpoint
+from test_train_fixtures import (
+    LARGER,
+    dirs,
+    kill9,
+    n_step_records,
+    records,
+    resume_argv,
+    run_cli,
+    spawn,
+    step_values,
+    train_argv,
+    valid_head_tokens,
+    wait_until,
+    write_model,
+)
+
+FOREVER = 1_000_000  # --steps for runs that are stopped from outside
+
+
+def _check_resumable(run):
+    """find_checkpoint names a checkpoint that verifies and loads completely; its step."""
+    found = find_checkpoint(run)
+    assert found is not None, sorted(p.name for p in (run / "checkpoints").iterdir())
+    ckpt = load_checkpoint(found)
+    assert ckpt.optimizer is not None and ckpt.optimizer.t == ckpt.step
+    assert found.name == f"step_{ckpt.step:08d}"
+    return ckpt.step
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_leaves_a_resumable_checkpoint(tmp_path):
+    rng = random.Random(20240520)
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    argv = train_argv(
+        write_model(tmp_path), valid_head_tokens(), run, steps=FOREVER, ckpt_every=5, eval_every=0
+    )
+    step = 0
+    for attempt in range(3):
+        proc = spawn(argv if attempt == 0 else resume_argv(run), tmp_path, log)
+        before = n_step_records(run)
+        wait_until(lambda b=before: n_step_records(run) > b and find_checkpoint(run) is not None, proc, log)
+        time.sleep(rng.uniform(0.0, 0.3))
+        assert kill9(proc) == -signal.SIGKILL
+        now = _check_resumable(run)
+        assert now >= step
+        step = now
+    res = run_cli(resume_argv(run, stop_at=step + 2))
+    assert res.rc == 0, res.err
+    assert f"resuming from {run / 'checkpoints' / f'step_{step:08d}'} (step {step})" in res.err
+    assert verify_checkpoint(find_checkpoint(run))["step"] == step + 2
+    assert records(run, "run")[-1]["start_step"] == step
+
+
+@pytest.mark.slow
+def test_kill_9_during_checkpoint_writes_keeps_a_complete_checkpoint(tmp_path):
+    """A larger model, a checkpoint after every step (most of the wall time is spent writing them), killed
+    repeatedly: at a random sub-second moment, or just after a temporary checkpoint directory appears."""
+    rng = random.Random(7)
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    root = run / "checkpoints"
+    model = write_model(tmp_path, "larger", **LARGER)
+    argv = train_argv(model, valid_head_tokens(), run, steps=FOREVER, ckpt_every=1, eval_every=0)
+    step, torn = 0, 0
+    for attempt in range(3):
+        proc = spawn(argv if attempt == 0 else resume_argv(run), tmp_path, log)
+        before = n_step_records(run)
+        wait_until(lambda b=before: n_step_records(run) > b and find_checkpoint(run) is not None, proc, log)
+        if attempt % 2:
+            wait_until(lambda: bool(dirs(root, ".tmp-")), proc, log)
+            time.sleep(rng.uniform(0.0, 0.02))
+        else:
+            time.sleep(rng.uniform(0.0, 0.5))
+        kill9(proc)
+        torn += bool(dirs(root, ".tmp-"))
+        now = _check_resumable(run)
+        assert now >= step
+        step = now
+    print(f"{torn} of 3 kills left a half-written checkpoint directory")
+    res = run_cli(resume_argv(run, stop_at=step + 1))
+    assert res.rc == 0, res.err
+    assert verify_checkpoint(find_checkpoint(run))["step"] == step + 1
+    assert dirs(root, ".tmp-") == [] and dirs(root, ".old-") == []  # strays of the killed processes are gone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_checkpoints_exits_and_resumes(tmp_path, sig, code):
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    argv = train_argv(
+        write_model(tmp_path), valid_head_tokens(), run, steps=FOREVER, ckpt_every=10_000, eval_every=0
+    )
+    proc = spawn(argv, tmp_path, log)
+    wait_until(lambda: n_step_records(run) >= 3, proc, log)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == code, log.read_text()
+    last = max(step_values(run, "loss"))
+    ckpt = records(run, "checkpoint")[-1]
+    assert (ckpt["step"], ckpt["kind"]) == (last, "interrupt")
+    manifest = verify_checkpoint(find_checkpoint(run))
+    assert (manifest["step"], manifest["kind"]) == (last, "interrupt")
+    text = log.read_text()
+    assert sig.name in text and f"--resume {run}" in text
+    assert "Traceback" not in text
+    assert (run / "report.json").exists() and not (run / "trainer.pid").exists()
+    res = run_cli(resume_argv(run, stop_at=last + 2))
+    assert res.rc == 0, res.err
+    assert list(step_values(run, "loss"))[-3:] == [last, last + 1, last + 2]
+
+
+def test_control_stop_file_checkpoints_and_stops_like_sigint(tmp_path):
+    run = tmp_path / "r"
+    (run / "control").mkdir(parents=True)
+    (run / "control" / "stop").touch()
+    res = run_cli(train_argv(write_model(tmp_path), valid_head_tokens(), run, steps=50, eval_every=0))
+    assert res.rc == 130
+    assert not (run / "control" / "stop").exists()
+    assert verify_checkpoint(find_checkpoint(run))["kind"] == "interrupt"
+    assert list(step_values(run, "loss")) == [1]
