@@ -166,6 +166,8 @@ class TrainOptions:
     )
     wandb_project: str = opt("anetrain", "W&B project")
     wandb_name: str | None = opt(None, "W&B run name (default: the run directory's name)")
+    wandb_mode: str | None = opt(None, "W&B mode: online, offline (no network needed) or disabled (default: W&B's "
+                                 "own, e.g. from WANDB_MODE)", choices=("online", "offline", "disabled"))
     tensorboard: bool = opt(
         False, "write TensorBoard event files to RUN_DIR/tensorboard (pip install anetrain[tensorboard])"
     )
@@ -212,6 +214,7 @@ RESUME_OVERRIDABLE = {
     "wandb",
     "wandb_project",
     "wandb_name",
+    "wandb_mode",
     "tensorboard",
     "threads",
     "resume",
@@ -490,6 +493,7 @@ class Trainer:
             wandb=o.wandb,
             wandb_project=o.wandb_project,
             wandb_name=o.wandb_name,
+            wandb_mode=o.wandb_mode,
             tensorboard=o.tensorboard,
         )
 
@@ -666,16 +670,16 @@ class Trainer:
             warm = getattr(self.pipe, "warmup", None)
             if warm is not None and self.step < end:
                 t0 = time.perf_counter()
-                warm(self.sampler.peek_batch() if hasattr(self.sampler, "peek_batch") else None)
+                warm(torch.zeros(o.batch, o.seq + 1, dtype=torch.long))
                 secs = time.perf_counter() - t0
                 self.counters["compile_s"] += secs
                 self.metrics.write("compile", seconds=secs, what=self.labels["pipeline"])
             if not self.resumed or self.step == 0:
                 self.evaluate()
-            progress = _Progress(self.log, o.log_every, end, self.step)
+            progress = self._progress(end)
             while self.step < end:
                 rec = self.train_step()
-                progress.update(rec)
+                progress(rec)
                 if o.eval_every and self.step % o.eval_every == 0 and self.step < o.steps:
                     self.evaluate()
                 if o.ckpt_every and self.step % o.ckpt_every == 0 and self.step < end:
@@ -710,6 +714,28 @@ class Trainer:
         self.pipe.close()
         self.metrics.close()
         return exit_code
+
+    def _progress(self, end: int) -> Any:
+        """A callback for each step record: a progress bar on a terminal, plain lines otherwise (and in
+        train.log every --log-every steps)."""
+        from .ui.progress import ConsoleProgress
+
+        o, log = self.opts, self.log
+        stream = sys.stderr
+        bar = ConsoleProgress(end, start_step=self.step, stream=stream, log_every=o.log_every)
+        if isinstance(log, RunLog) and log.sink is None:
+            log.progress = bar
+
+        def update(rec: dict[str, Any]) -> None:
+            bar.update_record(rec)
+            if rec["step"] % max(1, o.log_every) == 0 or rec["step"] == end:
+                line = bar.format_line(rec["step"], rec["loss"], rec["tokens_per_s"], rec["lr"], rec["ms"])
+                if isinstance(log, RunLog) and log.sink is None:
+                    log.file_only(line)  # the console already shows it (bar or plain line)
+                else:
+                    log(line)
+
+        return update
 
     def report(self) -> None:
         c = self.counters
@@ -753,23 +779,39 @@ class Trainer:
             signal.signal(s, h)
 
 
-class _Progress:
-    """Console lines every ``log_every`` steps (the ui package may replace this with a progress bar)."""
+class RunLog:
+    """The run's log: lines go to RUN_DIR/train.log and to the console (above the progress bar, if any).
 
-    def __init__(self, log: Any, every: int, end: int, start: int) -> None:
-        self.log, self.every, self.end = log, max(1, every), end
-        self.t0, self.s0 = time.time(), start
+    Under ``anetrain train --dashboard`` the training child's stderr already is train.log (so that tracebacks
+    land there too); the parent sets ANETRAIN_STDERR_IS_LOG and the child then writes each line only once.
+    """
 
-    def update(self, rec: dict[str, Any]) -> None:
-        step = rec["step"]
-        if step % self.every and step != self.end:
-            return
-        rate = (step - self.s0) / max(1e-9, time.time() - self.t0)
-        eta = (self.end - step) / rate if rate > 0 else 0.0
-        self.log(
-            f"step {step}/{self.end}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, {rec['ms']:.0f} ms/step, "
-            f"{rec['tokens_per_s']:,.0f} tok/s, ETA {eta:.0f} s"
-        )
+    def __init__(self, path: Path, sink: Any = None) -> None:
+        self.to_file = not os.environ.get("ANETRAIN_STDERR_IS_LOG")
+        self.file = open(path, "a", encoding="utf-8") if self.to_file else None  # noqa: SIM115
+        self.sink = sink
+        self.progress: Any = None
+
+    def __call__(self, line: str) -> None:
+        if self.sink is not None:
+            self.sink(line)
+        elif self.progress is not None:
+            self.progress.log(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+        self.file_only(line)
+
+    def file_only(self, line: str) -> None:
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+        if self.file is not None:
+            self.file.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -830,18 +872,7 @@ def run_training(opts: TrainOptions, given: dict[str, Any] | None = None, log: A
         torch.set_num_threads(opts.threads)
     if opts.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    logfile = open(run_dir / "train.log", "a", encoding="utf-8")  # noqa: SIM115
-
-    def default_log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    sink = log or default_log
-
-    def both(line: str) -> None:
-        sink(line)
-        logfile.write(line + "\n")
-        logfile.flush()
-
+    both = RunLog(run_dir / "train.log", sink=log)
     if opts.data is None and not opts.resume:
         from .data.embedded import prepare_embedded
 
@@ -853,4 +884,4 @@ def run_training(opts: TrainOptions, given: dict[str, Any] | None = None, log: A
         trainer.setup()
         return trainer.run()
     finally:
-        logfile.close()
+        both.close()

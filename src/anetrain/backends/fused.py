@@ -26,12 +26,17 @@ aten = torch.ops.aten
 def rmsnorm_forward_into(
     y: torch.Tensor, rstd: torch.Tensor, x: torch.Tensor, g: torch.Tensor, eps: float, tmp: torch.Tensor
 ) -> None:
-    """y = x * rstd * g; rstd = 1/sqrt(mean(x^2) + eps).  x, tmp: [B, S, D] fp32; rstd: [B, S, 1] fp32."""
+    """y = x * rstd * g; rstd = 1/sqrt(mean(x^2) + eps).  x, tmp: [B, S, D] fp32; rstd: [B, S, 1] fp32.
+
+    Every operation is single-dtype (fp32), and only the final ``copy_`` rounds to y's dtype: mixed-dtype
+    ``out=`` operations would make torch allocate a converted temporary.
+    """
     torch.mul(x, x, out=tmp)
-    torch.mean(tmp, dim=-1, keepdim=True, out=rstd)
-    rstd.add_(eps).rsqrt_()
+    torch.sum(tmp, dim=-1, keepdim=True, out=rstd)
+    rstd.mul_(1.0 / x.shape[-1]).add_(eps).rsqrt_()
     torch.mul(x, rstd, out=tmp)
-    torch.mul(tmp, g, out=y)
+    tmp.mul_(g)
+    y.copy_(tmp)
 
 
 def rmsnorm_backward_into(
@@ -41,27 +46,29 @@ def rmsnorm_backward_into(
     x: torch.Tensor,
     rstd: torch.Tensor,
     g: torch.Tensor,
-    xhat: torch.Tensor,
-    tmp: torch.Tensor,
+    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     proj: torch.Tensor,
     dg_tmp: torch.Tensor,
 ) -> None:
     """dx_acc += RMSNorm'(dy); dg_acc += sum_t dy * xhat.
 
-    dy, x: [B, S, D] (16-bit or fp32); rstd, proj: [B, S, 1] fp32; xhat, tmp, dx_acc: [B, S, D] fp32;
-    g, dg_acc, dg_tmp: [D] fp32. dx = rstd * (dy*g - xhat * mean(dy*g*xhat)).
+    dy, x: [B, S, D] (16-bit); rstd, proj: [B, S, 1] fp32; dx_acc and the three scratch tensors: [B, S, D]
+    fp32; g, dg_acc, dg_tmp: [D] fp32. dx = rstd * (dy*g - xhat * mean(dy*g*xhat)) with xhat = x * rstd.
     """
-    torch.mul(x, rstd, out=xhat)  # xhat = x * rstd
-    torch.mul(dy, xhat, out=tmp)
+    xhat, dys, tmp = scratch
+    xhat.copy_(x)
+    xhat.mul_(rstd)
+    dys.copy_(dy)
+    torch.mul(dys, xhat, out=tmp)
     torch.sum(tmp, dim=(0, 1), out=dg_tmp)
     dg_acc.add_(dg_tmp)
-    torch.mul(dy, g, out=tmp)  # dxhat = dy * g
-    xhat.mul_(tmp)
-    torch.mean(xhat, dim=-1, keepdim=True, out=proj)  # mean(dxhat * xhat)
-    torch.mul(x, rstd, out=xhat)
+    dys.mul_(g)  # dxhat
+    torch.mul(dys, xhat, out=tmp)
+    torch.sum(tmp, dim=-1, keepdim=True, out=proj)
+    proj.mul_(1.0 / x.shape[-1])  # mean(dxhat * xhat)
     xhat.mul_(proj)
-    tmp.sub_(xhat).mul_(rstd)
-    dx_acc.add_(tmp)
+    dys.sub_(xhat).mul_(rstd)
+    dx_acc.add_(dys)
 
 
 # ---- RoPE, fused with the split of the qkv projection and the transpose to heads ---------------------
@@ -71,29 +78,31 @@ def rope_split_into(
     v: torch.Tensor,
     qkv: torch.Tensor,
     tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    tq: torch.Tensor,
-    tk: torch.Tensor,
+    qkv32: torch.Tensor,
+    t: torch.Tensor,
 ) -> None:
     """q, k, v (heads-first) from qkv: [B, S, Dq+2Dkv]; q, k rotated, q also scaled by 1/sqrt(dh).
 
     q: [B, H, S, dh]; k, v: [B, Hkv, S, dh]; tables = (cos, sin) for q (pre-scaled) and for k, each
-    [S, 1, dh/2] fp32; tq: [B, S, H, dh/2] and tk: [B, S, Hkv, dh/2] fp32 scratch.
+    [S, 1, dh/2] fp32; qkv32: [B, S, Dq+2Dkv] and t: [B, S, H, dh/2] fp32 scratch. The rotation is computed
+    in fp32 and rounded once.
     """
     b, h, s, dh = q.shape
     hkv = k.shape[1]
     dq, dkv = h * dh, hkv * dh
     cq, sq, ck, sk = tables
-    for src, dst, n_heads, t, cs, ss in (
-        (qkv[..., :dq], q, h, tq, cq, sq),
-        (qkv[..., dq : dq + dkv], k, hkv, tk, ck, sk),
-    ):
-        xin = src.unflatten(-1, (n_heads, dh // 2, 2))  # [B, S, n, dh/2, 2]
+    qkv32.copy_(qkv)
+    for lo, dst, n, cs, ss in ((0, q, h, cq, sq), (dq, k, hkv, ck, sk)):
+        xin = qkv32[..., lo : lo + n * dh].unflatten(-1, (n, dh // 2, 2))  # [B, S, n, dh/2, 2]
         x0, x1 = xin[..., 0], xin[..., 1]
-        out = dst.view(b, n_heads, s, dh // 2, 2).transpose(1, 2)  # [B, S, n, dh/2, 2] view of dst
-        torch.mul(x0, cs, out=t)
-        torch.addcmul(t, x1, ss, value=-1.0, out=out[..., 0])  # x0 cos - x1 sin
-        torch.mul(x1, cs, out=t)
-        torch.addcmul(t, x0, ss, out=out[..., 1])  # x1 cos + x0 sin
+        out = dst.view(b, n, s, dh // 2, 2).transpose(1, 2)  # [B, S, n, dh/2, 2], a view of dst
+        tt = t[:, :, :n]
+        torch.mul(x0, cs, out=tt)
+        tt.addcmul_(x1, ss, value=-1.0)  # x0 cos - x1 sin
+        out[..., 0].copy_(tt)
+        torch.mul(x1, cs, out=tt)
+        tt.addcmul_(x0, ss)  # x1 cos + x0 sin
+        out[..., 1].copy_(tt)
     v.copy_(qkv[..., dq + dkv :].unflatten(-1, (hkv, dh)).transpose(1, 2))
 
 
@@ -103,25 +112,30 @@ def rope_merge_backward_into(
     dk: torch.Tensor,
     dv: torch.Tensor,
     tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    tq: torch.Tensor,
-    tk: torch.Tensor,
+    d32: torch.Tensor,
+    t: torch.Tensor,
 ) -> None:
-    """dqkv: [B, S, Dq+2Dkv] from heads-first dq (w.r.t. the scaled, rotated q), dk, dv, through RoPE^-1."""
+    """dqkv: [B, S, Dq+2Dkv] from heads-first dq (w.r.t. the scaled, rotated q), dk, dv, through RoPE^-1.
+
+    d32: [B, H, S, dh] fp32 scratch; t: [B, S, H, dh/2] fp32 scratch.
+    """
     b, h, s, dh = dq.shape
     hkv = dk.shape[1]
     nq, nkv = h * dh, hkv * dh
     cq, sq, ck, sk = tables
-    for src, dst, n_heads, t, cs, ss in (
-        (dq, dqkv[..., :nq], h, tq, cq, sq),
-        (dk, dqkv[..., nq : nq + nkv], hkv, tk, ck, sk),
-    ):
-        din = src.view(b, n_heads, s, dh // 2, 2).transpose(1, 2)  # [B, S, n, dh/2, 2]
+    for src, lo, n, cs, ss in ((dq, 0, h, cq, sq), (dk, nq, hkv, ck, sk)):
+        buf = d32[:, :n]
+        buf.copy_(src)
+        din = buf.view(b, n, s, dh // 2, 2).transpose(1, 2)  # [B, S, n, dh/2, 2]
         d0, d1 = din[..., 0], din[..., 1]
-        out = dst.unflatten(-1, (n_heads, dh // 2, 2))
-        torch.mul(d0, cs, out=t)
-        torch.addcmul(t, d1, ss, out=out[..., 0])  # d0 cos + d1 sin
-        torch.mul(d1, cs, out=t)
-        torch.addcmul(t, d0, ss, value=-1.0, out=out[..., 1])  # d1 cos - d0 sin
+        out = dqkv[..., lo : lo + n * dh].unflatten(-1, (n, dh // 2, 2))
+        tt = t[:, :, :n]
+        torch.mul(d0, cs, out=tt)
+        tt.addcmul_(d1, ss)  # d0 cos + d1 sin
+        out[..., 0].copy_(tt)
+        torch.mul(d1, cs, out=tt)
+        tt.addcmul_(d0, ss, value=-1.0)  # d1 cos - d0 sin
+        out[..., 1].copy_(tt)
     dqkv[..., nq + nkv :].unflatten(-1, (hkv, dh)).copy_(dv.transpose(1, 2))
 
 
@@ -220,4 +234,21 @@ def cross_entropy_chunk_into(
     torch.exp(logp32, out=logits32)  # softmax
     torch.add(row_base, targets, out=flat_idx)
     logits32.view(-1).index_add_(0, flat_idx, minus_one)  # minus the one-hot target
-    torch.mul(logits32, grad_scale, out=dlogits)
+    logits32.mul_(grad_scale)
+    dlogits.copy_(logits32)
+
+
+# ---- gradient accumulation ---------------------------------------------------------------------------
+def accumulate_into(acc: torch.Tensor, src: torch.Tensor, scratch: torch.Tensor) -> None:
+    """acc (fp32) += src (16-bit), block by block through ``scratch`` (flat fp32), so that no temporary of
+    src's size is allocated (``acc.add_(src)`` would convert src into a new fp32 tensor first)."""
+    if src.dtype == acc.dtype:
+        acc.add_(src)
+        return
+    a, s_ = acc.view(-1), src.view(-1)
+    block = scratch.numel()
+    for lo in range(0, a.numel(), block):
+        hi = min(a.numel(), lo + block)
+        buf = scratch[: hi - lo]
+        buf.copy_(s_[lo:hi])
+        a[lo:hi].add_(buf)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import typing
@@ -103,6 +104,9 @@ def _with_dashboard(given: dict[str, Any], default_run_dir: Any) -> int:
             argv += [flag, str(v)]
     if not given.get("resume"):
         argv += ["--out", str(run_dir)]
-    with open(run_dir / "console.log", "ab") as out:
-        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    # The child's stdout and stderr are train.log itself, so tracebacks show in the dashboard's log panel;
+    # ANETRAIN_STDERR_IS_LOG makes the child write each log line once.
+    env = {**os.environ, "ANETRAIN_STDERR_IS_LOG": "1"}
+    with open(run_dir / "train.log", "ab") as out:
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     return run_dashboard(run_dir, child)

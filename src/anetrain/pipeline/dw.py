@@ -133,46 +133,56 @@ class StreamDW:
 
 
 class DeviceDW:
-    """Runs dW on another device (as the original's Metal option): operands are copied there, products
-    accumulate in that device's own buffers, and ``flush`` adds them into the pipeline's gradients."""
+    """Runs dW on another device (as the original's Metal option): each job's tensor operands are copied
+    to that device into staging buffers (one set per job slot, reused every step), its gradient accumulates
+    in a remote fp32 accumulator, and :meth:`flush` adds the accumulators into the pipeline's gradients.
+
+    Jobs have the form ``fn(grad, *operands)``.
+    """
 
     name = "device"
 
     def __init__(self, device: torch.device, home: torch.device) -> None:
         self.device = device
         self.home = home
-        self.inner = ThreadDW() if device.type == "cpu" else StreamDW(device)
+        self.inner: ThreadDW | StreamDW = ThreadDW() if device.type == "cpu" else StreamDW(device)
         self._acc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(grad) -> (grad, remote accumulator)
-        self._staged: dict[tuple[int, int], torch.Tensor] = {}
+        self._slots: list[list[torch.Tensor]] = []  # staging buffers per job slot
+        self._slot = 0
 
     @property
     def busy_ms(self) -> float:
         return self.inner.busy_ms
 
-    def _remote(self, t: torch.Tensor, slot: int) -> torch.Tensor:
-        key = (slot, t.numel())
-        buf = self._staged.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = torch.empty(t.shape, dtype=t.dtype, device=self.device)
-            self._staged[key] = buf
-        buf.copy_(t)
-        return buf
+    def _stage(self, operands: tuple[Any, ...]) -> list[Any]:
+        if self._slot == len(self._slots):
+            self._slots.append(
+                [
+                    torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                    if isinstance(t, torch.Tensor)
+                    else t
+                    for t in operands
+                ]
+            )
+        bufs = self._slots[self._slot]
+        self._slot += 1
+        for b, t in zip(bufs, operands, strict=True):
+            if isinstance(t, torch.Tensor):
+                b.copy_(t, non_blocking=False)
+        return [b if isinstance(t, torch.Tensor) else t for b, t in zip(bufs, operands, strict=True)]
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        """``fn(grad, *operands)``: ``grad`` is replaced by a remote accumulator, operands by remote copies."""
         grad, *operands = args
         acc = self._acc.get(id(grad))
         if acc is None:
             acc = (grad, torch.zeros(grad.shape, dtype=grad.dtype, device=self.device))
             self._acc[id(grad)] = acc
-        remote = [
-            self._remote(t, i + 8 * len(self._staged)) if isinstance(t, torch.Tensor) else t
-            for i, t in enumerate(operands)
-        ]
-        self.inner.submit(fn, acc[1], *remote)
+        self.inner.submit(fn, acc[1], *self._stage(tuple(operands)))
 
     def wait(self) -> float:
-        return self.inner.wait()
+        ms = self.inner.wait()
+        self._slot = 0
+        return ms
 
     def flush(self, grads: Any) -> None:
         for grad, remote in self._acc.values():

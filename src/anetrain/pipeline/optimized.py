@@ -133,6 +133,7 @@ class OptimizedPipeline:
             if not hasattr(self, "_cls_buf"):
                 self._cls_buf = torch.empty(ids.numel(), self.cfg.dim, dtype=self.cdt, device=self.device)
                 self._ids = ids
+                self._full_to_compact = self.compaction.full_to_compact.to(self.device)
             torch.index_select(self.w.classifier, 0, ids, out=self._cls_buf)
             self.w_cls = self._cls_buf
         else:
@@ -197,11 +198,14 @@ class OptimizedPipeline:
             "x": e(b, s, d, dtype=f32),  # the residual stream
             "tmp": e(b, s, d, dtype=f32),
             "tmp2": e(b, s, d, dtype=f32),
+            "tmp3": e(b, s, d, dtype=f32),
             "proj": e(b, s, 1, dtype=f32),
             "dg_tmp": e(d, dtype=f32),
             "qkv": e(b, s, dqkv),
-            "tq": e(b, s, h, dh // 2, dtype=f32),
-            "tk": e(b, s, hkv, dh // 2, dtype=f32),
+            "qkv32": e(b, s, dqkv, dtype=f32),
+            "t_rope": e(b, s, h, dh // 2, dtype=f32),
+            "d32": e(b, h, s, dh, dtype=f32),
+            "targets_full": torch.empty(n, dtype=torch.long, device=dev),
             "scores": e(b * hkv, r * s, s),
             "out": e(b, h, s, dh),
             "o": e(b, s, d),
@@ -243,6 +247,7 @@ class OptimizedPipeline:
             "mm_w13": e(2 * f, d),
             "mm_w2": e(d, f),
             "mm_cls": e(vc, d),
+            "acc_scratch": e(min(1 << 20, max(vc, 2 * f) * d), dtype=f32),
         }
         if self.compaction is not None:
             scratch["cls_grad"] = e(vc, d, dtype=f32)
@@ -250,25 +255,6 @@ class OptimizedPipeline:
         return self.ws
 
     # ---- dW jobs (run by the executor) ---------------------------------------------------------------
-    @staticmethod
-    def _weight_grad(gw: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, prod: torch.Tensor) -> None:
-        """gw (fp32) += dy^T x, the product formed in the compute dtype."""
-        if prod.dtype == gw.dtype:
-            gw.addmm_(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
-            return
-        torch.mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]), out=prod)
-        gw.add_(prod)
-
-    def _classifier_grad(self, dlogits: torch.Tensor, xf: torch.Tensor, prod: torch.Tensor) -> None:
-        g_cls = self.grads.classifier
-        if self.compaction is None:
-            self._weight_grad(g_cls, dlogits, xf, prod)
-            return
-        acc = self.ws.cls_grad  # type: ignore[union-attr]
-        acc.zero_()
-        self._weight_grad(acc, dlogits, xf, prod)
-        g_cls.index_add_(0, self._ids, acc)
-
     # ---- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def loss(self, window: torch.Tensor) -> float:
@@ -301,9 +287,11 @@ class OptimizedPipeline:
         b, s = ws.batch, ws.seq
         n = b * s
         ws.tokens.view(b, s).copy_(window[:, :-1])
-        ws.targets.view(b, s).copy_(window[:, 1:])
-        if self.compaction is not None:
-            torch.index_select(self.compaction.full_to_compact.to(self.device), 0, ws.targets, out=ws.targets)
+        if self.compaction is None:
+            ws.targets.view(b, s).copy_(window[:, 1:])
+        else:
+            ws.targets_full.view(b, s).copy_(window[:, 1:])
+            torch.index_select(self._full_to_compact, 0, ws.targets_full, out=ws.targets)
         x = ws.x
         torch.index_select(p32.embedding, 0, ws.tokens, out=x.view(n, -1))  # fp32 rows of the master table
         tables = (ws.cq, ws.sq, ws.ck, ws.sk)
@@ -312,19 +300,21 @@ class OptimizedPipeline:
             lb.x.copy_(x)
             F.rmsnorm_forward_into(lb.xn, lb.rstd1, x, lp.attention_norm, eps, ws.tmp)
             torch.mm(lb.xn.view(n, -1), lw.qkv.t(), out=ws.qkv.view(n, -1))
-            F.rope_split_into(lb.q, lb.k, lb.v, ws.qkv, tables, ws.tq, ws.tk)
+            F.rope_split_into(lb.q, lb.k, lb.v, ws.qkv, tables, ws.qkv32, ws.t_rope)
             F.attention_forward_into(ws.out, lb.p, lb.q, lb.k, lb.v, ws.future, ws.scores)
             lb.attn.view(b, s, cfg.n_heads, -1).copy_(ws.out.transpose(1, 2))
             # output projection + residual
             torch.mm(lb.attn.view(n, -1), lw.wo.t(), out=ws.o.view(n, -1))
-            x.add_(ws.o, alpha=alpha)
+            ws.tmp.copy_(ws.o)
+            x.add_(ws.tmp, alpha=alpha)
             # FFN block + residual
             lb.x2.copy_(x)
             F.rmsnorm_forward_into(lb.xn2, lb.rstd2, x, lp.ffn_norm, eps, ws.tmp)
             torch.mm(lb.xn2.view(n, -1), lw.w13.t(), out=lb.h13.view(n, -1))
             F.swiglu_forward_into(lb.g, lb.h13)
             torch.mm(lb.g.view(n, -1), lw.w2.t(), out=ws.f.view(n, -1))
-            x.add_(ws.f, alpha=alpha)
+            ws.tmp.copy_(ws.f)
+            x.add_(ws.tmp, alpha=alpha)
         ws.xL.copy_(x)
         F.rmsnorm_forward_into(ws.xf, ws.rstdf, x, p32.final_norm, eps, ws.tmp)
 
@@ -356,7 +346,19 @@ class OptimizedPipeline:
             if backward:
                 torch.mm(ws.dlogits[lo : lo + c], wc, out=ws.dxf.view(n, -1)[lo : lo + c])
         if backward:
-            self.dw.submit(self._classifier_grad, ws.dlogits, xf, ws.mm_cls)
+            if self.compaction is None:
+                self.dw.submit(_weight_grad, self.grads.classifier, ws.dlogits, xf, ws.mm_cls, ws.acc_scratch)
+            else:
+                self.dw.submit(
+                    _compact_classifier_grad,
+                    self.grads.classifier,
+                    ws.dlogits,
+                    xf,
+                    ws.mm_cls,
+                    ws.acc_scratch,
+                    self._ids,
+                    ws.cls_grad,
+                )
         return float(ws.loss) / n  # type: ignore[return-value]
 
     def _backward(self, ws: Workspace) -> None:
@@ -364,8 +366,9 @@ class OptimizedPipeline:
         alpha = cfg.residual_scale
         b, s = ws.batch, ws.seq
         n = b * s
-        dy, dx2 = ws.dy, ws.dx2
+        dy, dx2 = ws.dy, ws.dx2  # fp32 gradients of the residual stream
         tables = (ws.cq, ws.sq, ws.ck, ws.sk)
+        scratch = (ws.tmp, ws.tmp2, ws.tmp3)
         submit = self.dw.submit
         threads_changed = self.backward_threads != self.main_threads
         if threads_changed:
@@ -373,39 +376,31 @@ class OptimizedPipeline:
         try:
             dy.zero_()
             F.rmsnorm_backward_into(
-                dy, g.final_norm, ws.dxf, ws.xL, ws.rstdf, p32.final_norm, ws.tmp, ws.tmp2, ws.proj, ws.dg_tmp
+                dy, g.final_norm, ws.dxf, ws.xL, ws.rstdf, p32.final_norm, scratch, ws.proj, ws.dg_tmp
             )
-            for lw, lp, lg, lb in zip(
+            layers = zip(
                 reversed(w.layers), reversed(p32.layers), reversed(g.layers), reversed(ws.layers), strict=True
-            ):
+            )
+            for lw, lp, lg, lb in layers:
                 # FFN half: df = alpha dy; dg = df W2; SwiGLU'; dxn2 = dh13 W13
-                torch.mul(dy, alpha, out=lb.df)
-                submit(self._weight_grad, lg.w2, lb.df, lb.g, ws.mm_w2)
+                _scaled_copy(lb.df, dy, alpha, ws.tmp)
+                submit(_weight_grad, lg.w2, lb.df, lb.g, ws.mm_w2, ws.acc_scratch)
                 torch.mm(lb.df.view(n, -1), lw.w2, out=ws.dg.view(n, -1))
                 F.swiglu_backward_into(lb.dh13, ws.dg, lb.h13, ws.gtmp)
-                submit(self._weight_grad, lg.w13, lb.dh13, lb.xn2, ws.mm_w13)
+                submit(_weight_grad, lg.w13, lb.dh13, lb.xn2, ws.mm_w13, ws.acc_scratch)
                 torch.mm(lb.dh13.view(n, -1), lw.w13, out=ws.dxn.view(n, -1))
                 dx2.copy_(dy)  # the residual passes dy straight through
                 F.rmsnorm_backward_into(
-                    dx2,
-                    lg.ffn_norm,
-                    ws.dxn,
-                    lb.x2,
-                    lb.rstd2,
-                    lp.ffn_norm,
-                    ws.tmp,
-                    ws.tmp2,
-                    ws.proj,
-                    ws.dg_tmp,
+                    dx2, lg.ffn_norm, ws.dxn, lb.x2, lb.rstd2, lp.ffn_norm, scratch, ws.proj, ws.dg_tmp
                 )
                 # attention half: do = alpha dx2; dattn = do Wo; attention'; RoPE^-1; dxn = dqkv Wqkv
-                torch.mul(dx2, alpha, out=lb.do)
-                submit(self._weight_grad, lg.wo, lb.do, lb.attn, ws.mm_wo)
+                _scaled_copy(lb.do, dx2, alpha, ws.tmp)
+                submit(_weight_grad, lg.wo, lb.do, lb.attn, ws.mm_wo, ws.acc_scratch)
                 torch.mm(lb.do.view(n, -1), lw.wo, out=ws.dattn.view(n, -1))
                 ws.dout.copy_(ws.dattn.view(b, s, cfg.n_heads, -1).transpose(1, 2))
                 F.attention_backward_into(ws.dq, ws.dk, ws.dv, ws.dout, lb.p, lb.q, lb.k, lb.v, ws.dp, ws.ds)
-                F.rope_merge_backward_into(lb.dqkv, ws.dq, ws.dk, ws.dv, tables, ws.tq, ws.tk)
-                submit(self._weight_grad, lg.qkv, lb.dqkv, lb.xn, ws.mm_qkv)
+                F.rope_merge_backward_into(lb.dqkv, ws.dq, ws.dk, ws.dv, tables, ws.d32, ws.t_rope)
+                submit(_weight_grad, lg.qkv, lb.dqkv, lb.xn, ws.mm_qkv, ws.acc_scratch)
                 torch.mm(lb.dqkv.view(n, -1), lw.qkv, out=ws.dxn.view(n, -1))
                 dy.copy_(dx2)
                 F.rmsnorm_backward_into(
@@ -415,8 +410,7 @@ class OptimizedPipeline:
                     lb.x,
                     lb.rstd1,
                     lp.attention_norm,
-                    ws.tmp,
-                    ws.tmp2,
+                    scratch,
                     ws.proj,
                     ws.dg_tmp,
                 )
@@ -430,3 +424,40 @@ class OptimizedPipeline:
 def _embedding_grad(g_emb: torch.Tensor, tokens: torch.Tensor, dy: torch.Tensor) -> None:
     """g_emb[tokens[n]] += dy[n] (one indexed operation)."""
     g_emb.index_add_(0, tokens, dy)
+
+
+def _scaled_copy(dst: torch.Tensor, src: torch.Tensor, alpha: float, tmp: torch.Tensor) -> None:
+    """dst (16-bit) = alpha * src (fp32), rounded once, without mixed-dtype temporaries."""
+    if alpha == 1.0:
+        dst.copy_(src)
+    else:
+        torch.mul(src, alpha, out=tmp)
+        dst.copy_(tmp)
+
+
+# ---- dW jobs (run by the executor; every tensor they touch is an argument, so DeviceDW can stage it) -----
+def _weight_grad(
+    gw: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, prod: torch.Tensor, scratch: torch.Tensor
+) -> None:
+    """gw (fp32) += dy^T x: the product formed in the compute dtype, accumulated in fp32."""
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    if prod.dtype == gw.dtype:
+        gw.addmm_(dy2.t(), x2)
+        return
+    torch.mm(dy2.t(), x2, out=prod)
+    F.accumulate_into(gw, prod, scratch)
+
+
+def _compact_classifier_grad(
+    g_cls: torch.Tensor,
+    dlogits: torch.Tensor,
+    xf: torch.Tensor,
+    prod: torch.Tensor,
+    scratch: torch.Tensor,
+    ids: torch.Tensor,
+    acc: torch.Tensor,
+) -> None:
+    """g_cls[ids] += dlogits^T xf: the compact classifier's gradient scattered into the full table."""
+    acc.zero_()
+    _weight_grad(acc, dlogits, xf, prod, scratch)
+    g_cls.index_add_(0, ids, acc)

@@ -1,0 +1,258 @@
+"""The optimized pipeline: same losses and gradients as the baseline and the reference, no allocations in the
+steady state, and its fused kernels against the plain ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from anetrain.backends import fused as F
+from anetrain.config import make_config
+from anetrain.data.compaction import VocabCompaction
+from anetrain.kernels import Rope, rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward
+from anetrain.optim import AdamW, OptimizerConfig, clip_grads, global_grad_norm
+from anetrain.params import init_params
+from anetrain.pipeline.baseline import BaselinePipeline
+from anetrain.pipeline.dw import DeviceDW, SerialDW, ThreadDW
+from anetrain.pipeline.optimized import OptimizedPipeline
+from anetrain.reference import ReferenceModel
+
+# GQA (8 query heads on 4 kv heads), a hidden size that is not a multiple of anything nice, alpha != 1
+CFG = make_config(
+    dim=64,
+    hidden_dim=172,
+    n_layers=2,
+    n_heads=8,
+    n_kv_heads=4,
+    vocab_size=96,
+    seq_len=32,
+    residual_scale="deepnet",
+    tied_classifier=False,
+)
+CFG_HD = make_config(
+    dim=48, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=80, seq_len=32
+)  # head_dim != dim / heads
+
+
+def windows(cfg, n, batch=3, seq=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g) for _ in range(n)]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG_HD, CFG.with_(tied_classifier=True, residual_scale=1.0)])
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_gradients_match_the_baseline(cfg, dtype, tol):
+    """fp32: to float32 rounding. bf16: every gradient tensor within 2% (relative L2): the documented
+    tolerance for 16-bit compute with fp32 accumulation."""
+    p = init_params(cfg, seed=1)
+    (w,) = windows(cfg, 1)
+    base = BaselinePipeline(p.clone())
+    opt = OptimizedPipeline(p.clone(), dtype=dtype)
+    lb, lo = base.forward_backward(w, 0.5), opt.forward_backward(w, 0.5)
+    opt.close()
+    assert abs(lb - lo) / lb < (1e-6 if dtype == "fp32" else 2e-3)
+    for name in base.grads.tensors:
+        assert rel(opt.grads[name], base.grads[name]) < tol, name
+
+
+def _train(pipe, cfg, ws, steps, accum=2):
+    """A few AdamW steps; returns the loss of each micro-step."""
+    opt = AdamW(pipe.params, OptimizerConfig.for_kind("adamw", lr=3e-3, warmup=0, total_steps=steps))
+    losses = []
+    it = iter(ws)
+    for _ in range(steps):
+        pipe.zero_grad()
+        for _ in range(accum):
+            losses.append(pipe.forward_backward(next(it), 1.0 / accum))
+        norm = global_grad_norm(pipe.grads)
+        clip_grads(pipe.grads, 1.0, norm)
+        opt.step(pipe.grads, 3e-3)
+        pipe.after_update()
+    return losses
+
+
+def _train_reference(cfg, p, ws, steps, accum=2):
+    model = ReferenceModel.from_params(p.clone())
+    decay = [t for n, t in model.named_parameters() if t.dim() >= 2]
+    no_decay = [t for n, t in model.named_parameters() if t.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=3e-3,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    losses = []
+    it = iter(ws)
+    for _ in range(steps):
+        opt.zero_grad()
+        for _ in range(accum):
+            w = next(it)
+            loss = model.loss(w[:, :-1], w[:, 1:])
+            (loss / accum).backward()
+            losses.append(float(loss.detach()))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return losses
+
+
+def test_float32_losses_match_the_reference_model_after_ten_steps():
+    """The issue's check: float32, 1e-5 relative on the loss after 10 optimizer steps, for both pipelines."""
+    p = init_params(CFG, seed=2)
+    ws = windows(CFG, 22, seed=3)
+    ref = _train_reference(CFG, p, ws, 11)
+    for pipe in (BaselinePipeline(p.clone()), OptimizedPipeline(p.clone(), dtype="fp32")):
+        losses = _train(pipe, CFG, ws, 11)
+        pipe.close()
+        assert abs(losses[-1] - ref[-1]) / ref[-1] < 1e-5, (pipe.name, losses[-1], ref[-1])
+
+
+def test_bf16_losses_track_the_reference_model():
+    """bf16 compute: the loss trajectory stays within 1% of the float32 reference over 10 steps."""
+    p = init_params(CFG, seed=2)
+    ws = windows(CFG, 22, seed=3)
+    ref = _train_reference(CFG, p, ws, 11)
+    pipe = OptimizedPipeline(p.clone(), dtype="bf16")
+    losses = _train(pipe, CFG, ws, 11)
+    pipe.close()
+    assert max(abs(a - b) / b for a, b in zip(losses, ref, strict=True)) < 1e-2
+
+
+def test_threaded_dw_equals_serial_dw():
+    p = init_params(CFG, seed=4)
+    ws = windows(CFG, 4)
+    a = OptimizedPipeline(p.clone(), dtype="bf16", dw="serial")
+    b = OptimizedPipeline(p.clone(), dtype="bf16", dw="thread")
+    for w in ws:
+        a.forward_backward(w, 0.25)
+        b.forward_backward(w, 0.25)
+    b.close()
+    assert isinstance(a.dw, SerialDW) and isinstance(b.dw, ThreadDW)
+    assert torch.equal(a.grads.flat, b.grads.flat)
+
+
+def test_dw_on_another_device_accumulates_the_same_gradients():
+    """DeviceDW copies operands, accumulates remotely and flushes; exercised here with CPU as both ends."""
+    p = init_params(CFG, seed=5)
+    ws = windows(CFG, 2)
+    a = OptimizedPipeline(p.clone(), dtype="fp32", dw="serial")
+    b = OptimizedPipeline(p.clone(), dtype="fp32")
+    b.dw.close()
+    b.dw = DeviceDW(torch.device("cpu"), torch.device("cpu"))
+    for w in ws:
+        a.forward_backward(w)
+        b.forward_backward(w)
+    b.close()
+    assert rel(b.grads.flat, a.grads.flat) < 1e-6
+
+
+def test_vocabulary_compaction_matches_the_baseline():
+    present = np.arange(0, CFG.vocab_size, 3)
+    comp = VocabCompaction.from_tokens(present, CFG.vocab_size)
+    p = init_params(CFG, seed=6)
+    (w,) = windows(CFG, 1)
+    w = (w // 3) * 3  # only tokens that are present
+    base = BaselinePipeline(p.clone(), compaction=comp)
+    opt = OptimizedPipeline(p.clone(), dtype="fp32", compaction=comp)
+    assert abs(base.forward_backward(w) - opt.forward_backward(w)) < 1e-5
+    opt.close()
+    for name in base.grads.tensors:
+        assert rel(opt.grads[name], base.grads[name]) < 1e-5, name
+
+
+def test_evaluation_loss_equals_the_training_loss_and_leaves_gradients_alone():
+    p = init_params(CFG, seed=7)
+    (w,) = windows(CFG, 1)
+    pipe = OptimizedPipeline(p, dtype="bf16")
+    ev = pipe.loss(w)
+    assert not pipe.grads.flat.any()
+    assert ev == pytest.approx(pipe.forward_backward(w), rel=1e-6)
+    pipe.close()
+
+
+def _allocations(fn) -> list[int]:
+    """Sizes of the allocations made while ``fn`` runs: tensor outputs (attributed to their operator as
+    self memory) and allocations outside operators ([memory] events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [
+        e.self_cpu_memory_usage if e.name != "[memory]" else e.cpu_memory_usage
+        for e in prof.events()
+        if (e.self_cpu_memory_usage if e.name != "[memory]" else e.cpu_memory_usage) > 0
+    ]
+
+
+def test_steady_state_allocates_no_buffers():
+    """After the first step every tensor lives in the workspace: the c10 allocator sees no allocation but
+    the 8-byte 0-dim tensors torch wraps Python scalars in. The baseline, for contrast, allocates hundreds
+    of buffers per step."""
+    (w,) = windows(CFG, 1)
+    opt = OptimizedPipeline(init_params(CFG), dtype="bf16", dw="serial")
+    opt.forward_backward(w)
+    sizes = _allocations(lambda: (opt.forward_backward(w), opt.loss(w), opt.after_update()))
+    assert max(sizes, default=0) <= 8, sorted(sizes)[-5:]
+    base = BaselinePipeline(init_params(CFG))
+    base.forward_backward(w)
+    assert sum(1 for s in _allocations(lambda: base.forward_backward(w)) if s > 8) > 100
+
+
+# ---- the fused kernels against the plain ones -------------------------------------------------------------
+def test_fused_rmsnorm_matches_the_kernel():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=g)
+    gain = 1 + 0.1 * torch.randn(16, generator=g)
+    dy = torch.randn(2, 5, 16, generator=g)
+    y_ref, rstd_ref = rmsnorm_forward(x, gain, 1e-5)
+    dx_ref, dg_ref = rmsnorm_backward(dy, x, rstd_ref, gain)
+    y, rstd, tmp = torch.empty_like(x), torch.empty(2, 5, 1), torch.empty_like(x)
+    F.rmsnorm_forward_into(y, rstd, x, gain, 1e-5, tmp)
+    torch.testing.assert_close(y, y_ref)
+    dx, dg = torch.zeros_like(x), torch.zeros(16)
+    F.rmsnorm_backward_into(
+        dx,
+        dg,
+        dy,
+        x,
+        rstd,
+        gain,
+        (torch.empty_like(x), torch.empty_like(x), tmp),
+        torch.empty(2, 5, 1),
+        torch.empty(16),
+    )
+    torch.testing.assert_close(dx, dx_ref)
+    torch.testing.assert_close(dg, dg_ref)
+
+
+def test_fused_rope_matches_the_kernel_with_the_query_scale_folded_in():
+    b, s, h, hkv, dh = 2, 6, 4, 2, 8
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(b, s, (h + 2 * hkv) * dh, generator=g)
+    rope = Rope.build(s, dh)
+    scale = dh**-0.5
+    cos, sin = rope.cos[:, None, :], rope.sin[:, None, :]
+    q, k, v = torch.empty(b, h, s, dh), torch.empty(b, hkv, s, dh), torch.empty(b, hkv, s, dh)
+    tables = (cos * scale, sin * scale, cos, sin)
+    F.rope_split_into(q, k, v, qkv, tables, torch.empty_like(qkv), torch.empty(b, s, h, dh // 2))
+    q_ref = rope_forward(qkv[..., : h * dh].view(b, s, h, dh), rope.cos, rope.sin).transpose(1, 2) * scale
+    k_ref = rope_forward(qkv[..., h * dh : (h + hkv) * dh].view(b, s, hkv, dh), rope.cos, rope.sin).transpose(
+        1, 2
+    )
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(k, k_ref)
+    torch.testing.assert_close(v, qkv[..., (h + hkv) * dh :].view(b, s, hkv, dh).transpose(1, 2))
+    dq, dk, dv = torch.randn_like(q), torch.randn_like(k), torch.randn_like(v)
+    dqkv = torch.empty_like(qkv)
+    F.rope_merge_backward_into(
+        dqkv, dq, dk, dv, tables, torch.empty(b, h, s, dh), torch.empty(b, s, h, dh // 2)
+    )
+    dq_ref = rope_backward(dq.transpose(1, 2), rope.cos, rope.sin) * scale
+    torch.testing.assert_close(dqkv[..., : h * dh].view(b, s, h, dh), dq_ref)
+    torch.testing.assert_close(
+        dqkv[..., h * dh : (h + hkv) * dh].view(b, s, hkv, dh),
+        rope_backward(dk.transpose(1, 2), rope.cos, rope.sin),
+    )
