@@ -64,3 +64,17 @@ def test_loss_scaler_backs_off_skips_and_grows():
     assert not s.update(False) and s.scale == 512 and s.skipped == 1
     assert s.update(True) and s.scale == 512
     assert s.update(True) and s.scale == 1024
+
+
+def test_grad_divisor_equals_dividing_the_gradients_first():
+    """Loss-scale removal and clipping ride inside the fused update: step(g, lr, d) == step(g / d, lr)."""
+    a, b = init_params(CFG, seed=1), init_params(CFG, seed=1)
+    oa, ob = AdamW(a, OptimizerConfig()), AdamW(b, OptimizerConfig())
+    g = a.like()
+    g.flat.copy_(torch.randn(g.flat.shape, generator=torch.Generator().manual_seed(2)))
+    g2 = a.like()
+    g2.flat.copy_(g.flat / 7.5)
+    oa.step(g, 1e-3, grad_divisor=7.5)
+    ob.step(g2, 1e-3)
+    torch.testing.assert_close(g.flat, g2.flat)  # the divided values are left in the gradients
+    torch.testing.assert_close(a.flat, b.flat, rtol=1e-6, atol=1e-9)

@@ -234,10 +234,9 @@ def test_fused_rope_matches_the_kernel_with_the_query_scale_folded_in():
     qkv = torch.randn(b, s, (h + 2 * hkv) * dh, generator=g)
     rope = Rope.build(s, dh)
     scale = dh**-0.5
-    cos, sin = rope.cos[:, None, :], rope.sin[:, None, :]
+    fq, fk = F.rope_tables(rope.cos, rope.sin, scale)
     q, k, v = torch.empty(b, h, s, dh), torch.empty(b, hkv, s, dh), torch.empty(b, hkv, s, dh)
-    tables = (cos * scale, sin * scale, cos, sin)
-    F.rope_split_into(q, k, v, qkv, tables, torch.empty_like(qkv), torch.empty(b, s, h, dh // 2))
+    F.rope_split_into(q, k, v, qkv, (fq, fk), torch.empty_like(qkv), torch.empty(b, s, h, dh))
     q_ref = rope_forward(qkv[..., : h * dh].view(b, s, h, dh), rope.cos, rope.sin).transpose(1, 2) * scale
     k_ref = rope_forward(qkv[..., h * dh : (h + hkv) * dh].view(b, s, hkv, dh), rope.cos, rope.sin).transpose(
         1, 2
@@ -247,9 +246,8 @@ def test_fused_rope_matches_the_kernel_with_the_query_scale_folded_in():
     torch.testing.assert_close(v, qkv[..., (h + hkv) * dh :].view(b, s, hkv, dh).transpose(1, 2))
     dq, dk, dv = torch.randn_like(q), torch.randn_like(k), torch.randn_like(v)
     dqkv = torch.empty_like(qkv)
-    F.rope_merge_backward_into(
-        dqkv, dq, dk, dv, tables, torch.empty(b, h, s, dh), torch.empty(b, s, h, dh // 2)
-    )
+    conj = (fq.conj().resolve_conj(), fk.conj().resolve_conj())
+    F.rope_merge_backward_into(dqkv, dq, dk, dv, conj, torch.empty(b, s, h, dh), torch.empty(b, s, h, dh))
     dq_ref = rope_backward(dq.transpose(1, 2), rope.cos, rope.sin) * scale
     torch.testing.assert_close(dqkv[..., : h * dh].view(b, s, h, dh), dq_ref)
     torch.testing.assert_close(

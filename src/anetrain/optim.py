@@ -101,37 +101,39 @@ class AdamW:
         self.cfg = cfg
         self.state = state or AdamState.zeros_like(params)
 
-    def step(self, grads: ModelParams, lr: float) -> None:
-        """One update of ``params`` in place from ``grads``."""
+    def step(self, grads: ModelParams, lr: float, grad_divisor: float = 1.0) -> None:
+        """One update of ``params`` in place from ``grads / grad_divisor``.
+
+        The divisor carries loss-scale removal and global-norm clipping into the fused kernel, which
+        divides as it reads, so neither needs a pass of its own over the gradients (the kernel leaves the
+        divided values in ``grads``).
+        """
         p, s, c = self.params, self.state, self.cfg
-        groups = [
-            (p.decay, grads.decay, s.m.decay, s.v.decay, c.weight_decay),
-            (p.no_decay, grads.no_decay, s.m.no_decay, s.v.no_decay, 0.0),
-        ]
+        groups = [(p.decay, grads.decay, s.m.decay, s.v.decay, c.weight_decay),
+                  (p.no_decay, grads.no_decay, s.m.no_decay, s.v.no_decay, 0.0)]
         fused = p.flat.device.type in ("cpu", "cuda") and p.flat.dtype in (torch.float32, torch.float64)
+        scale = None
+        if grad_divisor != 1.0:
+            if fused:
+                scale = torch.tensor(grad_divisor, dtype=torch.float32, device=p.flat.device)
+            else:
+                grads.flat.div_(grad_divisor)
         for w, g, m, v, wd in groups:
             if w.numel() == 0:
                 continue
             step = torch.tensor(float(s.t), dtype=torch.float32)
             torch_adam(
-                [w],
-                [g],
-                [m],
-                [v],
-                [],
-                [step],
-                fused=fused,
-                foreach=None if fused else False,
-                decoupled_weight_decay=True,
-                amsgrad=False,
-                maximize=False,
-                beta1=c.beta1,
-                beta2=c.beta2,
-                lr=lr,
-                weight_decay=wd,
-                eps=c.eps,
+                [w], [g], [m], [v], [], [step],
+                fused=fused, foreach=None if fused else False, grad_scale=scale,
+                decoupled_weight_decay=True, amsgrad=False, maximize=False,
+                beta1=c.beta1, beta2=c.beta2, lr=lr, weight_decay=wd, eps=c.eps,
             )
         s.t += 1
+
+
+def clip_divisor(norm: float, max_norm: float) -> float:
+    """The factor to divide gradients by so their global norm is at most ``max_norm`` (1 when it is)."""
+    return norm / max_norm if max_norm > 0 and norm > max_norm else 1.0
 
 
 class DynamicLossScaler:

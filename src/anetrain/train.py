@@ -41,7 +41,7 @@ from .data.sampler import Drand48Sampler, RandomSampler, eval_windows
 from .data.tokens import TokenFile, check_tokens, open_tokens
 from .errors import AnetrainError, ConfigError, InputError
 from .fsutil import atomic_write_text
-from .optim import AdamState, AdamW, DynamicLossScaler, OptimizerConfig, clip_grads, global_grad_norm, lr_at
+from .optim import AdamState, AdamW, DynamicLossScaler, OptimizerConfig, clip_divisor, global_grad_norm, lr_at
 from .params import INIT_SCHEMES, ModelParams, init_params
 from .pipeline.base import Pipeline
 from .pipeline.factory import PipelineChoice, describe, make_pipeline
@@ -154,6 +154,10 @@ class TrainOptions:
     )
     compile: bool = opt(True, "fuse elementwise work with torch.compile (optimized pipeline)")
     dw_device: str | None = opt(None, "device for the weight-gradient GEMMs (e.g. cpu while dx runs on cuda)")
+    ane_chip: str = opt("m4", "Apple chip family whose MIL dialect the ANE programs use (ane, ane-sim backends)",
+                        choices=("m1", "m2", "m3", "m4", "m5"))
+    ane_inputs: str = opt("separate", "how ANE programs take their weights: separate inputs (faster per the "
+                          "original's issue #22) or one packed input (the original's)", choices=("separate", "packed"))
     threads: int | None = opt(None, "torch intra-op threads (default: torch's choice)")
     peak_tflops: float | None = opt(
         None, "peak TFLOPS for the utilization figure (default: measured once by a GEMM probe and cached)"
@@ -224,6 +228,8 @@ RESUME_OVERRIDABLE = {
     "dtype",
     "compile",
     "dw_device",
+    "ane_chip",
+    "ane_inputs",
 }
 
 
@@ -389,7 +395,8 @@ class Trainer:
 
         # pipeline and optimizer
         choice = PipelineChoice(
-            pipeline=o.pipeline, backend=o.backend, dtype=o.dtype, compile=o.compile, dw_device=o.dw_device
+            pipeline=o.pipeline, backend=o.backend, dtype=o.dtype, compile=o.compile, dw_device=o.dw_device,
+            ane_chip=o.ane_chip, ane_inputs=o.ane_inputs,
         )
         self.pipe: Pipeline = make_pipeline(params, choice, self.compaction)
         self.opt_cfg = o.optimizer_config()
@@ -445,7 +452,8 @@ class Trainer:
         self.labels = labels
         dev = self.pipe.params.flat.device
         peak_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(labels["precision"], torch.float32)
-        self.peak = o.peak_tflops or (peak_tflops(dev, peak_dtype) if dev.type in ("cpu", "cuda") else 0.0)
+        on_torch = labels["backend"] in ("cpu", "cuda")  # the ANE's peak cannot be probed from here
+        self.peak = o.peak_tflops or (peak_tflops(dev, peak_dtype) if on_torch else 0.0)
 
         # run directory
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", start_time=self.t_start)
@@ -611,9 +619,7 @@ class Trainer:
             losses.append(pipe.forward_backward(window, scale / o.accum))
         with pipe.times.phase("optimizer"):
             grads = pipe.grads
-            if self.scaler is not None:
-                grads.flat.mul_(1.0 / scale)
-            norm = global_grad_norm(grads)
+            norm = global_grad_norm(grads) / scale  # before clipping, without the loss scale
             apply = math.isfinite(norm)
             if self.scaler is not None:
                 apply = self.scaler.update(apply)
@@ -624,8 +630,8 @@ class Trainer:
                 )
             lr = lr_at(self.step, self.opt_cfg)
             if apply:
-                clip_grads(grads, self.opt_cfg.clip, norm)
-                self.optimizer.step(grads, lr)
+                # loss-scale removal and clipping happen inside the fused update
+                self.optimizer.step(grads, lr, scale * clip_divisor(norm, self.opt_cfg.clip))
                 pipe.after_update()
         ms = (time.perf_counter() - t0) * 1e3
         self.step += 1
@@ -874,7 +880,11 @@ def run_training(opts: TrainOptions, given: dict[str, Any] | None = None, log: A
         torch.use_deterministic_algorithms(True, warn_only=True)
     both = RunLog(run_dir / "train.log", sink=log)
     if opts.data is None and not opts.resume:
-        from .data.embedded import prepare_embedded
+        from .data.embedded import EMBEDDED_DEFAULTS, prepare_embedded
+
+        for key, value in EMBEDDED_DEFAULTS.items():  # settings tuned for the embedded corpus, unless given
+            if key not in (given or {}):
+                setattr(opts, key, value)
 
         opts.data, opts.tokenizer = (str(p) for p in prepare_embedded(run_dir / "data", log=both))
     try:

@@ -89,6 +89,8 @@ class AneSimPipeline:
     """Implements :class:`anetrain.pipeline.base.Pipeline` with forward and dx as ANE programs."""
 
     name = "ane-sim"
+    backend = "ane-sim"
+    precision = "fp16"
     needs_loss_scaling = True
 
     def __init__(

@@ -72,38 +72,43 @@ def rmsnorm_backward_into(
 
 
 # ---- RoPE, fused with the split of the qkv projection and the transpose to heads ---------------------
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, q_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Complex rotation factors exp(i * angle), [S, 1, dh/2] complex64, for q (times q_scale) and for k.
+
+    An interleaved pair (x[2i], x[2i+1]) is the complex number x[2i] + i x[2i+1]; RoPE multiplies it by
+    exp(i p theta_i), which is one vectorized complex multiply instead of four strided real ones.
+    """
+    f = torch.complex(cos.float(), sin.float())[:, None, :]
+    return f * q_scale, f
+
+
 def rope_split_into(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     qkv: torch.Tensor,
-    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    freqs: tuple[torch.Tensor, torch.Tensor],
     qkv32: torch.Tensor,
-    t: torch.Tensor,
+    rot32: torch.Tensor,
 ) -> None:
     """q, k, v (heads-first) from qkv: [B, S, Dq+2Dkv]; q, k rotated, q also scaled by 1/sqrt(dh).
 
-    q: [B, H, S, dh]; k, v: [B, Hkv, S, dh]; tables = (cos, sin) for q (pre-scaled) and for k, each
-    [S, 1, dh/2] fp32; qkv32: [B, S, Dq+2Dkv] and t: [B, S, H, dh/2] fp32 scratch. The rotation is computed
-    in fp32 and rounded once.
+    q: [B, H, S, dh]; k, v: [B, Hkv, S, dh]; freqs: from :func:`rope_tables`; qkv32: [B, S, Dq+2Dkv] and
+    rot32: [B, S, H, dh] fp32 scratch. The rotation is computed in fp32 and rounded once.
     """
     b, h, s, dh = q.shape
     hkv = k.shape[1]
-    dq, dkv = h * dh, hkv * dh
-    cq, sq, ck, sk = tables
     qkv32.copy_(qkv)
-    for lo, dst, n, cs, ss in ((0, q, h, cq, sq), (dq, k, hkv, ck, sk)):
-        xin = qkv32[..., lo : lo + n * dh].unflatten(-1, (n, dh // 2, 2))  # [B, S, n, dh/2, 2]
-        x0, x1 = xin[..., 0], xin[..., 1]
-        out = dst.view(b, n, s, dh // 2, 2).transpose(1, 2)  # [B, S, n, dh/2, 2], a view of dst
-        tt = t[:, :, :n]
-        torch.mul(x0, cs, out=tt)
-        tt.addcmul_(x1, ss, value=-1.0)  # x0 cos - x1 sin
-        out[..., 0].copy_(tt)
-        torch.mul(x1, cs, out=tt)
-        tt.addcmul_(x0, ss)  # x1 cos + x0 sin
-        out[..., 1].copy_(tt)
-    v.copy_(qkv[..., dq + dkv :].unflatten(-1, (hkv, dh)).transpose(1, 2))
+    lo = 0
+    for dst, n, f in ((q, h, freqs[0]), (k, hkv, freqs[1])):
+        xin = torch.view_as_complex(
+            qkv32[..., lo : lo + n * dh].unflatten(-1, (n, dh // 2, 2))
+        )  # [B, S, n, dh/2]
+        rot = rot32[:, :, :n]
+        torch.mul(xin, f, out=torch.view_as_complex(rot.unflatten(-1, (dh // 2, 2))))
+        dst.copy_(rot.transpose(1, 2))
+        lo += n * dh
+    v.copy_(qkv[..., lo:].unflatten(-1, (hkv, dh)).transpose(1, 2))
 
 
 def rope_merge_backward_into(
@@ -111,32 +116,30 @@ def rope_merge_backward_into(
     dq: torch.Tensor,
     dk: torch.Tensor,
     dv: torch.Tensor,
-    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    freqs: tuple[torch.Tensor, torch.Tensor],
     d32: torch.Tensor,
-    t: torch.Tensor,
+    rot32: torch.Tensor,
 ) -> None:
     """dqkv: [B, S, Dq+2Dkv] from heads-first dq (w.r.t. the scaled, rotated q), dk, dv, through RoPE^-1.
 
-    d32: [B, H, S, dh] fp32 scratch; t: [B, S, H, dh/2] fp32 scratch.
+    ``freqs`` are the conjugates of the forward's (the inverse rotation; the q scale stays, since
+    d(s R q)/dq = s R^T), made once with ``.conj().resolve_conj()``. d32, rot32: [B, S, H, dh] fp32 scratch.
     """
     b, h, s, dh = dq.shape
     hkv = dk.shape[1]
-    nq, nkv = h * dh, hkv * dh
-    cq, sq, ck, sk = tables
-    for src, lo, n, cs, ss in ((dq, 0, h, cq, sq), (dk, nq, hkv, ck, sk)):
-        buf = d32[:, :n]
-        buf.copy_(src)
-        din = buf.view(b, n, s, dh // 2, 2).transpose(1, 2)  # [B, S, n, dh/2, 2]
-        d0, d1 = din[..., 0], din[..., 1]
-        out = dqkv[..., lo : lo + n * dh].unflatten(-1, (n, dh // 2, 2))
-        tt = t[:, :, :n]
-        torch.mul(d0, cs, out=tt)
-        tt.addcmul_(d1, ss)  # d0 cos + d1 sin
-        out[..., 0].copy_(tt)
-        torch.mul(d1, cs, out=tt)
-        tt.addcmul_(d0, ss, value=-1.0)  # d1 cos - d0 sin
-        out[..., 1].copy_(tt)
-    dqkv[..., nq + nkv :].unflatten(-1, (hkv, dh)).copy_(dv.transpose(1, 2))
+    lo = 0
+    for src, n, f in ((dq, h, freqs[0]), (dk, hkv, freqs[1])):
+        din = d32[:, :, :n]
+        din.copy_(src.transpose(1, 2))  # [B, S, n, dh]
+        rot = rot32[:, :, :n]
+        torch.mul(
+            torch.view_as_complex(din.unflatten(-1, (dh // 2, 2))),
+            f,
+            out=torch.view_as_complex(rot.unflatten(-1, (dh // 2, 2))),
+        )
+        dqkv[..., lo : lo + n * dh].unflatten(-1, (n, dh)).copy_(rot)
+        lo += n * dh
+    dqkv[..., lo:].unflatten(-1, (hkv, dh)).copy_(dv.transpose(1, 2))
 
 
 # ---- causal attention over grouped heads -------------------------------------------------------------

@@ -18,6 +18,21 @@ N_STORIES = 24000
 SEED = 0
 VOCAB = 512
 
+# Training settings for the embedded run (applied where the user gave none): a stories260K-sized model,
+# about two to three minutes on 2 CPU cores, a sample at the end.
+EMBEDDED_DEFAULTS = {
+    "model": "stories260K",
+    "batch": 8,
+    "seq": 256,
+    "steps": 1500,
+    "lr": 2e-3,
+    "warmup": 50,
+    "eval_every": 250,
+    "eval_batches": 10,
+    "log_every": 50,
+    "sample_tokens": 200,
+}
+
 
 def prepare_embedded(
     directory: str | Path,

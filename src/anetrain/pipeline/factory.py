@@ -25,6 +25,8 @@ class PipelineChoice:
     compile: bool = True
     dw_device: str | None = None
     loss_chunk: int | None = None
+    ane_chip: str = "m4"
+    ane_inputs: str = "separate"
 
 
 def resolve_device(backend: str) -> torch.device:
@@ -62,12 +64,16 @@ def make_pipeline(
     params: ModelParams, choice: PipelineChoice, compaction: VocabCompaction | None = None
 ) -> Pipeline:
     """Build the pipeline; ``params`` are float32 master weights (moved to the chosen device)."""
-    if choice.backend in ("ane-sim", "ane"):
-        try:
-            from ..ane.pipeline import make_ane_pipeline
-        except ImportError as e:
-            raise AnetrainError(f"--backend {choice.backend} is not available: {e}") from None
-        return make_ane_pipeline(params, backend=choice.backend, compaction=compaction)
+    if choice.backend == "ane-sim":
+        from ..ane.pipeline import AneSimPipeline
+
+        return AneSimPipeline(params, chip=choice.ane_chip, inputs=choice.ane_inputs, compaction=compaction,
+                              loss_chunk=choice.loss_chunk)
+    if choice.backend == "ane":
+        from ..ane.runtime import make_runtime_pipeline
+
+        return make_runtime_pipeline(params, chip=choice.ane_chip, inputs=choice.ane_inputs,
+                                     compaction=compaction, loss_chunk=choice.loss_chunk)
     device = resolve_device(choice.backend)
     if params.flat.device != device:
         params = params.to(device=device)

@@ -191,7 +191,7 @@ class OptimizedPipeline:
         chunk = min(self.loss_chunk, n)
         rope = Rope.build(max(s, c.seq_len), dh, c.rope_theta, f32, dev)
         scale = 1.0 / dh**0.5
-        cos, sin = rope.cos[:s, None, :], rope.sin[:s, None, :]
+        fq, fk = F.rope_tables(rope.cos[:s], rope.sin[:s], scale)
         scratch = {
             "tokens": torch.empty(n, dtype=torch.long, device=dev),
             "targets": torch.empty(n, dtype=torch.long, device=dev),
@@ -203,8 +203,8 @@ class OptimizedPipeline:
             "dg_tmp": e(d, dtype=f32),
             "qkv": e(b, s, dqkv),
             "qkv32": e(b, s, dqkv, dtype=f32),
-            "t_rope": e(b, s, h, dh // 2, dtype=f32),
-            "d32": e(b, h, s, dh, dtype=f32),
+            "rot32": e(b, s, h, dh, dtype=f32),
+            "d32": e(b, s, h, dh, dtype=f32),
             "targets_full": torch.empty(n, dtype=torch.long, device=dev),
             "scores": e(b * hkv, r * s, s),
             "out": e(b, h, s, dh),
@@ -237,10 +237,10 @@ class OptimizedPipeline:
             "dk": e(b, hkv, s, dh),
             "dv": e(b, hkv, s, dh),
             "future": torch.ones(s, s, dtype=torch.bool, device=dev).triu(1),
-            "cq": cos * scale,
-            "sq": sin * scale,
-            "ck": cos.clone(),
-            "sk": sin.clone(),
+            "fq": fq,
+            "fk": fk,
+            "fq_conj": fq.conj().resolve_conj(),
+            "fk_conj": fk.conj().resolve_conj(),
             # dW products in the compute dtype, one per shape (only the dW executor touches these)
             "mm_qkv": e(dqkv, d),
             "mm_wo": e(d, c.q_dim),
@@ -294,13 +294,12 @@ class OptimizedPipeline:
             torch.index_select(self._full_to_compact, 0, ws.targets_full, out=ws.targets)
         x = ws.x
         torch.index_select(p32.embedding, 0, ws.tokens, out=x.view(n, -1))  # fp32 rows of the master table
-        tables = (ws.cq, ws.sq, ws.ck, ws.sk)
         for lw, lp, lb in zip(w.layers, p32.layers, ws.layers, strict=True):
             # attention block
             lb.x.copy_(x)
             F.rmsnorm_forward_into(lb.xn, lb.rstd1, x, lp.attention_norm, eps, ws.tmp)
             torch.mm(lb.xn.view(n, -1), lw.qkv.t(), out=ws.qkv.view(n, -1))
-            F.rope_split_into(lb.q, lb.k, lb.v, ws.qkv, tables, ws.qkv32, ws.t_rope)
+            F.rope_split_into(lb.q, lb.k, lb.v, ws.qkv, (ws.fq, ws.fk), ws.qkv32, ws.rot32)
             F.attention_forward_into(ws.out, lb.p, lb.q, lb.k, lb.v, ws.future, ws.scores)
             lb.attn.view(b, s, cfg.n_heads, -1).copy_(ws.out.transpose(1, 2))
             # output projection + residual
@@ -367,7 +366,6 @@ class OptimizedPipeline:
         b, s = ws.batch, ws.seq
         n = b * s
         dy, dx2 = ws.dy, ws.dx2  # fp32 gradients of the residual stream
-        tables = (ws.cq, ws.sq, ws.ck, ws.sk)
         scratch = (ws.tmp, ws.tmp2, ws.tmp3)
         submit = self.dw.submit
         threads_changed = self.backward_threads != self.main_threads
@@ -399,7 +397,9 @@ class OptimizedPipeline:
                 torch.mm(lb.do.view(n, -1), lw.wo, out=ws.dattn.view(n, -1))
                 ws.dout.copy_(ws.dattn.view(b, s, cfg.n_heads, -1).transpose(1, 2))
                 F.attention_backward_into(ws.dq, ws.dk, ws.dv, ws.dout, lb.p, lb.q, lb.k, lb.v, ws.dp, ws.ds)
-                F.rope_merge_backward_into(lb.dqkv, ws.dq, ws.dk, ws.dv, tables, ws.d32, ws.t_rope)
+                F.rope_merge_backward_into(
+                    lb.dqkv, ws.dq, ws.dk, ws.dv, (ws.fq_conj, ws.fk_conj), ws.d32, ws.rot32
+                )
                 submit(_weight_grad, lg.qkv, lb.dqkv, lb.xn, ws.mm_qkv, ws.acc_scratch)
                 torch.mm(lb.dqkv.view(n, -1), lw.qkv, out=ws.dxn.view(n, -1))
                 dy.copy_(dx2)

@@ -66,7 +66,8 @@ def format_report(rep: dict[str, Any]) -> str:
         "optimizer)",
         f"Throughput:      {rep['tokens_per_s']:,.0f} tokens/s",
         f"Model TFLOPS:    {rep['tflops']:.3f} sustained",
-        f"Utilization:     {100 * rep['utilization']:.1f}% of the measured peak {rep['peak_tflops']:.3f} TFLOPS",
+        (f"Utilization:     {100 * rep['utilization']:.1f}% of the measured peak {rep['peak_tflops']:.3f} TFLOPS"
+         if rep["peak_tflops"] else "Utilization:     n/a (no peak known for this backend; pass --peak-tflops)"),
         f"IO:              {rep['io_ms_per_step']:.2f} ms/step",
         f"Optimizer:       {rep['optimizer_ms_per_step']:.2f} ms/step",
         f"Phases (ms/step): {phases}",
