@@ -254,3 +254,27 @@ def test_fused_rope_matches_the_kernel_with_the_query_scale_folded_in():
         dqkv[..., h * dh : (h + hkv) * dh].view(b, s, hkv, dh),
         rope_backward(dk.transpose(1, 2), rope.cos, rope.sin),
     )
+
+
+@pytest.mark.parametrize("pipeline", ["baseline", "optimized-serial", "optimized-thread"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_gradient_buckets_are_announced_complete(pipeline, tied):
+    """grad_ready_hook sees every bucket of grads.buckets() exactly once, each already final: what lets a
+    distributed run start all-reducing a layer's gradients while the backward continues."""
+    cfg = CFG.with_(tied_classifier=tied)
+    p = init_params(cfg, seed=8)
+    buckets = p.buckets()
+    assert sum(b.numel() for b in buckets) == p.numel()
+    if pipeline == "baseline":
+        pipe = BaselinePipeline(p)
+    else:
+        pipe = OptimizedPipeline(p, dtype="bf16", dw=pipeline.split("-")[1])
+    seen = []
+    pipe.grad_ready_hook = lambda t: seen.append((t.data_ptr(), t.numel(), t.clone()))
+    (w,) = windows(cfg, 1)
+    pipe.forward_backward(w)
+    pipe.close()
+    final = {b.data_ptr(): b for b in pipe.grads.buckets()}
+    assert sorted((ptr, n) for ptr, n, _ in seen) == sorted((b.data_ptr(), b.numel()) for b in final.values())
+    for ptr, _, snapshot in seen:
+        assert torch.equal(snapshot, final[ptr])

@@ -181,6 +181,22 @@ class ModelParams:
         rows = (b.data_ptr() - a.data_ptr()) // (a.element_size() * a.shape[1]) + b.shape[0]
         return self.flat[start // a.element_size() :][: rows * a.shape[1]].view(rows, a.shape[1])
 
+    def buckets(self) -> list[torch.Tensor]:
+        """The flat buffer cut into the slices a backward pass finishes one after another: the matrices of
+        each layer from the last to the first (each layer's are contiguous), then the rest (norm gains and
+        embedding, and the untied classifier). Used to all-reduce gradients while the backward goes on."""
+        starts = [
+            self.tensors[f"layers.{i}.attention.wq.weight"].data_ptr() for i in range(self.cfg.n_layers)
+        ]
+        base, size = self.flat.data_ptr(), self.flat.element_size()
+        offsets = [(p - base) // size for p in starts]
+        ends = [*offsets[1:], offsets[-1] + self.cfg.layer_param_count() - 2 * self.cfg.dim]
+        out = [self.flat[lo:hi] for lo, hi in zip(offsets, ends, strict=True)][::-1]
+        out.append(self.flat[: offsets[0]])
+        if ends[-1] < self.flat.numel():
+            out.append(self.flat[ends[-1] :])
+        return out
+
     @property
     def embedding(self) -> torch.Tensor:
         """E: [V, D]."""

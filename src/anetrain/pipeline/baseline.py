@@ -18,6 +18,8 @@ Gradients accumulate into ``self.grads`` (float32 or float64, the same layout as
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .. import kernels as K
@@ -49,6 +51,9 @@ class BaselinePipeline:
         self.loss_chunk = loss_chunk
         self.times = PhaseTimes()
         self.compute_dtype = params.flat.dtype
+        #: see OptimizedPipeline.grad_ready_hook
+        self.grad_ready_hook: Callable[[torch.Tensor], None] | None = None
+        self._buckets = self.grads.buckets()
         self._rope = K.Rope.build(
             self.cfg.seq_len, self.cfg.head_dim, self.cfg.rope_theta, params.flat.dtype, params.flat.device
         )
@@ -108,6 +113,7 @@ class BaselinePipeline:
         """Forward and backward of a [B, S+1] window batch; gradients * grad_scale are added to ``grads``."""
         cfg, p, g, dw, times = self.cfg, self.params, self.grads, self.dw, self.times
         dw_busy0 = dw.busy_ms
+        buckets = iter(self._buckets)
         alpha, eps = cfg.residual_scale, cfg.norm_eps
         tokens, targets = window[:, :-1], window[:, 1:]  # [B, S] each
         rope = self.rope(tokens.shape[1])
@@ -149,10 +155,15 @@ class BaselinePipeline:
                 dw.submit(K.weight_grad, gw.wq, ag.dq, ta.xn)
                 dw.submit(K.weight_grad, gw.wk, ag.dk, ta.xn)
                 dw.submit(K.weight_grad, gw.wv, ag.dv, ta.xn)
+                if self.grad_ready_hook is not None:
+                    dw.submit(self.grad_ready_hook, next(buckets))
                 dx, dg_att = K.rmsnorm_backward(dxn, ta.x, ta.rstd, w.attention_norm)
                 gw.attention_norm.add_(dg_att)
                 dy = dx + dx2
-            K.embedding_backward(g.embedding, tokens, dy)
+            dw.submit(K.embedding_backward, g.embedding, tokens, dy)  # after the classifier job (tied case)
+            if self.grad_ready_hook is not None:
+                for rest in buckets:
+                    dw.submit(self.grad_ready_hook, rest)
         times.add("wait", dw.wait())
         dw_ms = dw.busy_ms - dw_busy0
         times.add("dw", dw_ms)

@@ -67,13 +67,23 @@ def make_pipeline(
     if choice.backend == "ane-sim":
         from ..ane.pipeline import AneSimPipeline
 
-        return AneSimPipeline(params, chip=choice.ane_chip, inputs=choice.ane_inputs, compaction=compaction,
-                              loss_chunk=choice.loss_chunk)
+        return AneSimPipeline(
+            params,
+            chip=choice.ane_chip,
+            inputs=choice.ane_inputs,
+            compaction=compaction,
+            loss_chunk=choice.loss_chunk,
+        )
     if choice.backend == "ane":
         from ..ane.runtime import make_runtime_pipeline
 
-        return make_runtime_pipeline(params, chip=choice.ane_chip, inputs=choice.ane_inputs,
-                                     compaction=compaction, loss_chunk=choice.loss_chunk)
+        return make_runtime_pipeline(
+            params,
+            chip=choice.ane_chip,
+            inputs=choice.ane_inputs,
+            compaction=compaction,
+            loss_chunk=choice.loss_chunk,
+        )
     device = resolve_device(choice.backend)
     if params.flat.device != device:
         params = params.to(device=device)

@@ -24,6 +24,7 @@ What differs from the baseline, and why:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +109,10 @@ class OptimizedPipeline:
         self.w_cls: torch.Tensor = self.w.classifier
         self.after_update()
         self.ws: Workspace | None = None
+        #: called with each gradient bucket (``grads.buckets()``, last layer first) once its gradients for this
+        #: micro-step are complete, on the dW executor; the distributed wrapper starts all-reduces from it
+        self.grad_ready_hook: Callable[[torch.Tensor], None] | None = None
+        self._buckets = self.grads.buckets()
         cpu_threads = torch.get_num_threads()
         if dw_device is not None and torch.device(dw_device) != self.device:
             self.dw = DeviceDW(torch.device(dw_device), self.device)
@@ -368,6 +373,7 @@ class OptimizedPipeline:
         dy, dx2 = ws.dy, ws.dx2  # fp32 gradients of the residual stream
         scratch = (ws.tmp, ws.tmp2, ws.tmp3)
         submit = self.dw.submit
+        buckets = iter(self._buckets)
         threads_changed = self.backward_threads != self.main_threads
         if threads_changed:
             torch.set_num_threads(self.backward_threads)
@@ -401,6 +407,8 @@ class OptimizedPipeline:
                     lb.dqkv, ws.dq, ws.dk, ws.dv, (ws.fq_conj, ws.fk_conj), ws.d32, ws.rot32
                 )
                 submit(_weight_grad, lg.qkv, lb.dqkv, lb.xn, ws.mm_qkv, ws.acc_scratch)
+                if self.grad_ready_hook is not None:  # this layer's gradients are complete once the jobs ran
+                    submit(self.grad_ready_hook, next(buckets))
                 torch.mm(lb.dqkv.view(n, -1), lw.qkv, out=ws.dxn.view(n, -1))
                 dy.copy_(dx2)
                 F.rmsnorm_backward_into(
@@ -416,6 +424,9 @@ class OptimizedPipeline:
                 )
             # embedding backward on the executor too: with a tied classifier it adds into the same table
             submit(_embedding_grad, g.embedding, ws.tokens, dy.view(n, -1))
+            if self.grad_ready_hook is not None:
+                for rest in buckets:
+                    submit(self.grad_ready_hook, rest)
         finally:
             if threads_changed:
                 torch.set_num_threads(self.main_threads)
