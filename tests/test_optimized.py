@@ -278,3 +278,22 @@ def test_gradient_buckets_are_announced_complete(pipeline, tied):
     assert sorted((ptr, n) for ptr, n, _ in seen) == sorted((b.data_ptr(), b.numel()) for b in final.values())
     for ptr, _, snapshot in seen:
         assert torch.equal(snapshot, final[ptr])
+
+
+def test_fp16_with_loss_scaling_matches_and_overflow_is_visible():
+    """Where bf16 is not native the pipeline computes in fp16; the trainer's dynamic loss scale rides in
+    grad_scale. A sane scale gives the baseline's gradients (times the scale); an absurd one overflows to
+    inf/nan, which the trainer detects and skips."""
+    p = init_params(CFG, seed=9)
+    (w,) = windows(CFG, 1)
+    base = BaselinePipeline(p.clone())
+    base.forward_backward(w)
+    opt = OptimizedPipeline(p.clone(), dtype="fp16")
+    assert opt.needs_loss_scaling
+    opt.forward_backward(w, 1024.0)
+    for name in base.grads.tensors:
+        assert rel(opt.grads[name] / 1024.0, base.grads[name]) < 5e-3, name
+    opt.zero_grad()
+    opt.forward_backward(w, 1e30)
+    assert not torch.isfinite(opt.grads.flat).all()
+    opt.close()
