@@ -100,6 +100,7 @@ class BaselinePipeline:
     @torch.no_grad()
     def loss(self, window: torch.Tensor) -> float:
         """Mean cross-entropy of a [B, S+1] window batch, without touching gradients."""
+        window = window.to(self.params.flat.device, non_blocking=True)
         tokens, targets = window[:, :-1], window[:, 1:]
         x = self.forward_hidden(tokens)
         xf, _ = K.rmsnorm_forward(x, self.params.final_norm, self.cfg.norm_eps)
@@ -115,6 +116,7 @@ class BaselinePipeline:
         dw_busy0 = dw.busy_ms
         buckets = iter(self._buckets)
         alpha, eps = cfg.residual_scale, cfg.norm_eps
+        window = window.to(self.params.flat.device, non_blocking=True)
         tokens, targets = window[:, :-1], window[:, 1:]  # [B, S] each
         rope = self.rope(tokens.shape[1])
 
