@@ -19,4 +19,17 @@ Modules, bottom up::
     milparse   a parser for the MIL text subset the generator emits
     sim        the simulator: executes parsed MIL text with numpy in fp16
     pipeline   AneSimPipeline: the training step with forward/dx on the (simulated) ANE
+
+The macOS runtime (part 2), top down::
+
+    runtime    AneRuntimeExecutor / make_runtime_pipeline: `--backend ane`
+    supervisor WorkerExecutor: the ANE work in a worker process, restarted before the compile budget runs out
+    worker, ipc   the worker's loop and its framed message protocol (tensors through shared memory)
+    budget     the compile-budget counter (the ~119-compile leak of _ANEInMemoryModel)
+    device     the device interface, and a simulator device that can emulate failures (for tests)
+    private    the _ANEInMemoryModelDescriptor / _ANEInMemoryModel / _ANERequest call sequence
+    objc, iosurface   ctypes bridges to libobjc and IOSurface.framework
+    coreml     the sanctioned fallback: programs as Core ML mlpackages, ComputeUnit.CPU_AND_NE
+    machine    chip detection, macOS checks, the chips' published peaks
+    selfcheck, peak, bench   `anetrain ane selfcheck`, `anetrain ane peak`, `anetrain bench --backend ane`
 """

@@ -46,7 +46,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="reference,baseline,optimized",
         help="comma-separated rows to run: reference, baseline, optimized",
     )
-    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"), help="device to run on")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "cpu", "cuda", "ane", "ane-sim"),
+        help="device to run on; ane runs anetrain's Neural Engine pipeline alone (macOS) and prints the "
+        "original's Efficiency Report; ane-sim does the same through the simulator (slow)",
+    )
+    p.add_argument("--ane-chip", default="auto", help="chip family for the ANE programs (auto, m1..m5)")
+    p.add_argument(
+        "--ane-inputs",
+        default="separate",
+        choices=("separate", "packed"),
+        help="how ANE programs take their weights",
+    )
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the reference model")
     p.add_argument("--seed", type=int, default=1337, help="seed for the weights and the token windows")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -63,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name} must be positive")
     cfg = resolve_config(args.model)
     warmup = args.warmup if args.warmup is not None else max(3, args.accum)
+    if args.backend in ("ane", "ane-sim"):
+        return _ane_bench(args, cfg, warmup)
     bc = BenchConfig(
         cfg=cfg,
         batch=args.batch,
@@ -90,3 +105,33 @@ def run(args: argparse.Namespace) -> int:
         write_json(result, args.json)
     lc = result.get("loss_check")
     return 0 if lc is None or lc["ok"] else 1
+
+
+def _ane_bench(args: argparse.Namespace, cfg: object, warmup: int) -> int:
+    """The Neural Engine pipeline alone, reported as the original trainer reports it."""
+    import json
+
+    from ..ane.bench import format_ane_report, run_ane_bench
+    from ..fsutil import atomic_write_text
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    chip = "m4" if args.backend == "ane-sim" and args.ane_chip == "auto" else args.ane_chip
+    rep = run_ane_bench(
+        cfg,
+        args.batch,
+        args.seq,
+        args.accum,
+        args.steps,
+        chip,
+        args.ane_inputs,
+        log,  # type: ignore[arg-type]
+        executor="sim" if args.backend == "ane-sim" else "private",
+        warmup=warmup,
+        seed=args.seed,
+    )
+    print(format_ane_report(rep))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(rep, indent=1))
+    return 0

@@ -25,8 +25,9 @@ class PipelineChoice:
     compile: bool = True
     dw_device: str | None = None
     loss_chunk: int | None = None
-    ane_chip: str = "m4"
+    ane_chip: str = "auto"
     ane_inputs: str = "separate"
+    ane_runtime: str | None = None  # private (default on macOS), coreml, or sim
 
 
 def resolve_device(backend: str) -> torch.device:

@@ -1,0 +1,40 @@
+"""``anetrain.ane.bench.run_ane_bench`` (what ``anetrain bench --backend ane`` runs) with the simulator as
+the device: the Efficiency Report fields follow the original's accounting (seed-system.md 10.2-10.3); the
+numbers a Mac would produce cannot be produced here."""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import pytest
+
+from anetrain.ane.bench import ane_flops_per_step, format_ane_report, run_ane_bench, total_flops_per_step
+from anetrain.config import make_config
+from anetrain.telemetry.flops import attention_flops, forward_matmul_flops
+
+
+def test_ane_bench_reports_the_original_fields_with_the_simulator() -> None:
+    cfg = make_config(
+        name="tiny", dim=64, hidden_dim=80, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, seq_len=32
+    )
+    lines: list[str] = []
+    rep = run_ane_bench(cfg, 2, 16, 2, 2, "auto", "separate", lines.append, executor="sim")
+    assert lines and "runtime sim" in lines[0]
+    assert (rep["chip"], rep["runtime"], rep["backend"], rep["isolated"]) == ("m4", "sim", "ane", False)
+    assert rep["total_steps"] == 4 and rep["compiles"] == 10 and rep["worker_restarts"] == 0
+    assert rep["ane_flops_per_step"] == 2 * (2 * forward_matmul_flops(cfg, 16) + attention_flops(cfg, 16))
+    assert ane_flops_per_step(cfg, 16, 2) < total_flops_per_step(cfg, 16, 2)
+    assert rep["ane_tflops"] == pytest.approx(rep["ane_flops_per_step"] / (rep["ms_per_step"] / 1e3) / 1e12)
+    assert rep["peak_tflops"] == 15.8 and rep["peak_source"].startswith("published, not measured")
+    assert rep["utilization"] == pytest.approx(rep["ane_tflops"] / 15.8)
+    assert rep["ane_evals_per_step"] == 2 * 2 * 10  # 10 programs per layer and sequence
+    assert (
+        rep["io_ms_per_step"] > 0
+        and rep["compile_s"] > 0
+        and rep["ms_per_step_with_optimizer"] >= rep["ms_per_step"]
+    )
+    assert len(rep["losses"]) == 4 and all(np.isfinite(rep["losses"]))
+    assert statistics.fmean(rep["losses"]) == pytest.approx(np.log(96), rel=0.1)
+    text = format_ane_report(rep)
+    assert "ANE TFLOPS:" in text and "published, not measured" in text and "10 compiles" in text
