@@ -118,7 +118,10 @@ class OptimizedPipeline:
             self.dw = DeviceDW(torch.device(dw_device), self.device)
         elif self.device.type == "cuda":
             self.dw = StreamDW(self.device)
-        elif dw == "serial" or (dw == "auto" and cpu_threads < 2):
+        elif dw == "serial" or (dw == "auto" and cpu_threads < 4):
+            # Measured on 2 cores (BENCHMARKS.md): the GEMMs already use both cores well, and splitting them
+            # 1+1 between dx and dW was slower than running dW in line. With 4+ cores the worker thread is the
+            # default (not measured by the project: this machine has 2); `dw="thread"` forces it.
             self.dw = SerialDW()
         else:
             self.dw = ThreadDW(threads=max(1, cpu_threads // 2))
