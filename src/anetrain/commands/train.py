@@ -19,7 +19,11 @@ stories260K-sized model trained on it for a few minutes: a complete run that wor
 
 A step is one optimizer update over --accum micro-batches of --batch x --seq tokens. The run directory
 (--out) receives config.json, metrics.jsonl, train.log, checkpoints/ and report.json; resume an interrupted
-run with `anetrain train --resume RUN_DIR` (Ctrl-C and SIGTERM checkpoint before exiting)."""
+run with `anetrain train --resume RUN_DIR` (Ctrl-C and SIGTERM checkpoint before exiting).
+
+Data-parallel: `torchrun --nproc_per_node=N [--nnodes=M ...] -m anetrain train ...` (or `anetrain train --ddp
+--nproc-per-node N ...` on one machine) trains on N x M processes: each draws its own windows, gradients are
+averaged over all of them, rank 0 writes the run directory. See docs/distributed.md."""
 
 
 def _arg_type(tp: Any) -> Any:
@@ -63,6 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import launched_by_torchrun
+    from ..errors import ConfigError
     from ..train import TrainOptions, default_run_dir, run_training
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
@@ -70,15 +76,78 @@ def run(args: argparse.Namespace) -> int:
         try:
             float(given["residual_scale"])
         except ValueError:
-            from ..errors import ConfigError
-
             raise ConfigError(
                 f"--residual-scale must be a number or 'deepnet', got {given['residual_scale']!r}"
             ) from None
-    if given.get("dashboard"):
+    if launched_by_torchrun():
+        if given.get("dashboard"):
+            raise ConfigError(
+                "--dashboard cannot run inside torchrun's processes; watch the run with "
+                "`anetrain dashboard RUN_DIR` in another terminal"
+            )
+    elif given.get("dashboard"):
         return _with_dashboard(given, default_run_dir)
+    elif given.get("ddp"):
+        return _under_torchrun(given, default_run_dir)
     opts = TrainOptions(**given)
     return run_training(opts, given)
+
+
+def _argv_of(given: dict[str, Any], skip: tuple[str, ...]) -> list[str]:
+    """Command-line flags that give the same options (``skip``: options to leave out)."""
+    argv: list[str] = []
+    for k, v in given.items():
+        if k in skip:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif v is not None:
+            argv += [flag, str(v)]
+    return argv
+
+
+def torchrun_argv(nproc: int, train_args: list[str]) -> list[str]:
+    """``torchrun --standalone --nproc-per-node N -m anetrain train ARGS`` with this Python."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "anetrain",
+        "train",
+        *train_args,
+    ]
+
+
+def _under_torchrun(given: dict[str, Any], default_run_dir: Any) -> int:
+    """``--ddp`` outside torchrun: start the same command under torchrun on this machine and wait for it.
+
+    The run directory is fixed here (and printed by rank 0). Ctrl-C reaches torchrun and the ranks from the
+    terminal (they checkpoint); a SIGTERM to this process is passed on to torchrun.
+    """
+    import signal
+
+    import torch
+
+    from ..errors import ConfigError
+
+    nproc = given.get("nproc_per_node") or torch.cuda.device_count()
+    if not nproc:
+        raise ConfigError("--ddp without CUDA devices needs --nproc-per-node N (the number of processes)")
+    args = _argv_of(given, skip=("ddp", "nproc_per_node"))
+    if not given.get("resume") and not given.get("out"):
+        args += ["--out", str(default_run_dir(given.get("model", "stories260K")))]
+    child = subprocess.Popen(torchrun_argv(int(nproc), args))
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends it to torchrun as well
+    old_term = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
 
 
 def _with_dashboard(given: dict[str, Any], default_run_dir: Any) -> int:
@@ -93,15 +162,7 @@ def _with_dashboard(given: dict[str, Any], default_run_dir: Any) -> int:
         given.get("resume") or given.get("out") or default_run_dir(given.get("model", "stories260K"))
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "anetrain", "train"]
-    for k, v in given.items():
-        if k in ("dashboard", "out"):
-            continue
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            argv.append(flag if v else "--no-" + k.replace("_", "-"))
-        elif v is not None:
-            argv += [flag, str(v)]
+    argv = [sys.executable, "-m", "anetrain", "train", *_argv_of(given, skip=("dashboard", "out"))]
     if not given.get("resume"):
         argv += ["--out", str(run_dir)]
     # The child's stdout and stderr are train.log itself, so tracebacks show in the dashboard's log panel;
