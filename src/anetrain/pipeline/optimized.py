@@ -215,6 +215,7 @@ class OptimizedPipeline:
             "d32": e(b, s, h, dh, dtype=f32),
             "targets_full": torch.empty(n, dtype=torch.long, device=dev),
             "scores": e(b * hkv, r * s, s),
+            "scores32": e(b * hkv, r * s, s, dtype=f32),
             "out": e(b, h, s, dh),
             "o": e(b, s, d),
             "f": e(b, s, d),
@@ -222,8 +223,7 @@ class OptimizedPipeline:
             "rstdf": e(b, s, 1, dtype=f32),
             "xf": e(b, s, d),
             "logits16": e(chunk, vc),
-            "logits32": e(chunk, vc, dtype=f32),
-            "logp32": e(chunk, vc, dtype=f32),
+            "probs": e(chunk, vc, dtype=f32),
             "picked": e(chunk, 1, dtype=f32),
             "picked_sum": e((), dtype=f32),
             "flat_idx": e(chunk, dtype=torch.long),
@@ -244,7 +244,9 @@ class OptimizedPipeline:
             "dq": e(b, h, s, dh),
             "dk": e(b, hkv, s, dh),
             "dv": e(b, hkv, s, dh),
-            "future": torch.ones(s, s, dtype=torch.bool, device=dev).triu(1),
+            "mask": torch.zeros(s, s, device=dev).masked_fill(
+                torch.ones(s, s, dtype=torch.bool, device=dev).triu(1), float("-inf")
+            ),
             "fq": fq,
             "fk": fk,
             "fq_conj": fq.conj().resolve_conj(),
@@ -308,7 +310,7 @@ class OptimizedPipeline:
             F.rmsnorm_forward_into(lb.xn, lb.rstd1, x, lp.attention_norm, eps, ws.tmp)
             torch.mm(lb.xn.view(n, -1), lw.qkv.t(), out=ws.qkv.view(n, -1))
             F.rope_split_into(lb.q, lb.k, lb.v, ws.qkv, (ws.fq, ws.fk), ws.qkv32, ws.rot32)
-            F.attention_forward_into(ws.out, lb.p, lb.q, lb.k, lb.v, ws.future, ws.scores)
+            F.attention_forward_into(ws.out, lb.p, lb.q, lb.k, lb.v, ws.mask, ws.scores, ws.scores32)
             lb.attn.view(b, s, cfg.n_heads, -1).copy_(ws.out.transpose(1, 2))
             # output projection + residual
             torch.mm(lb.attn.view(n, -1), lw.wo.t(), out=ws.o.view(n, -1))
@@ -342,8 +344,7 @@ class OptimizedPipeline:
                 logits16,
                 ws.targets[lo : lo + c],
                 grad_scale / n,
-                ws.logits32[:c],
-                ws.logp32[:c],
+                ws.probs[:c],
                 ws.picked[:c],
                 ws.picked_sum,
                 ws.flat_idx[:c],
