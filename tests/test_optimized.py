@@ -297,3 +297,17 @@ def test_fp16_with_loss_scaling_matches_and_overflow_is_visible():
     opt.forward_backward(w, 1e30)
     assert not torch.isfinite(opt.grads.flat).all()
     opt.close()
+
+
+def test_fp32_products_through_numpy_blas_equal_torch_blas():
+    """fp32 GEMMs go through numpy's OpenBLAS on the CPU (faster here than torch's); the math is the same."""
+    p = init_params(CFG, seed=10)
+    (w,) = windows(CFG, 1)
+    a = OptimizedPipeline(p.clone(), dtype="fp32", blas="torch")
+    b = OptimizedPipeline(p.clone(), dtype="fp32")
+    assert (a.blas, b.blas) == ("torch", "numpy")
+    threads = torch.get_num_threads()
+    la, lb = a.forward_backward(w), b.forward_backward(w)
+    assert torch.get_num_threads() == threads  # the single-thread setting is undone afterwards
+    assert abs(la - lb) < 1e-5 * la
+    assert rel(b.grads.flat, a.grads.flat) < 1e-5

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .gemm import MatMul, torch_matmul
+
 aten = torch.ops.aten
 
 
@@ -152,6 +154,7 @@ def attention_forward_into(
     mask: torch.Tensor,
     scores: torch.Tensor,
     scores32: torch.Tensor,
+    matmul: MatMul = torch_matmul,
 ) -> None:
     """out = softmax(q k^T + M) v with q pre-scaled; keeps P (16-bit) for the backward.
 
@@ -163,12 +166,12 @@ def attention_forward_into(
     hkv = k.shape[1]
     qg = q.view(b * hkv, -1, dh)  # [B*Hkv, R*S, dh]
     kg = k.view(b * hkv, s, dh)
-    torch.bmm(qg, kg.transpose(1, 2), out=scores)
+    matmul(qg, kg.transpose(1, 2), scores)
     scores32.copy_(scores)
     scores32.view(b * hkv, -1, s, s).add_(mask)
     aten._softmax.out(scores32, -1, False, out=scores32)
     p.copy_(scores32)
-    torch.bmm(p, v.view(b * hkv, s, dh), out=out.view(b * hkv, -1, dh))
+    matmul(p, v.view(b * hkv, s, dh), out.view(b * hkv, -1, dh))
 
 
 def attention_backward_into(
@@ -182,17 +185,18 @@ def attention_backward_into(
     v: torch.Tensor,
     dp: torch.Tensor,
     ds: torch.Tensor,
+    matmul: MatMul = torch_matmul,
 ) -> None:
     """dq (w.r.t. the scaled q), dk, dv from dout: [B, H, S, dh]; the GQA sums happen inside the GEMMs."""
     b, h, s, dh = q.shape
     hkv = k.shape[1]
     g = b * hkv
     dog = dout.view(g, -1, dh)  # [B*Hkv, R*S, dh]
-    torch.bmm(p.transpose(1, 2), dog, out=dv.view(g, s, dh))  # dv = P^T dO, summed over the group
-    torch.bmm(dog, v.view(g, s, dh).transpose(1, 2), out=dp)  # dP = dO V^T
+    matmul(p.transpose(1, 2), dog, dv.view(g, s, dh))  # dv = P^T dO, summed over the group
+    matmul(dog, v.view(g, s, dh).transpose(1, 2), dp)  # dP = dO V^T
     aten._softmax_backward_data.out(dp, p, -1, p.dtype, grad_input=ds)  # dS = P (dP - rowsum(P dP))
-    torch.bmm(ds, k.view(g, s, dh), out=dq.view(g, -1, dh))  # dq = dS K
-    torch.bmm(ds.transpose(1, 2), q.view(g, -1, dh), out=dk.view(g, s, dh))  # dk = dS^T q
+    matmul(ds, k.view(g, s, dh), dq.view(g, -1, dh))  # dq = dS K
+    matmul(ds.transpose(1, 2), q.view(g, -1, dh), dk.view(g, s, dh))  # dk = dS^T q
 
 
 # ---- SwiGLU ------------------------------------------------------------------------------------------
@@ -229,7 +233,7 @@ def cross_entropy_chunk_into(
 ) -> None:
     """dlogits = (softmax - onehot) * grad_scale; loss_acc += sum of -log p[target]   (c rows of [c, V]).
 
-    logits16: [c, V] (16-bit GEMM output); probs: [c, V] fp32 scratch; targets: [c] int64; picked: [c, 1]
+    logits16: [c, V] (16-bit GEMM output; may be the same memory as dlogits, which is written last); probs: [c, V] fp32 scratch; targets: [c] int64; picked: [c, 1]
     fp32; picked_sum: [] fp32; flat_idx: [c] int64; row_base: [c] int64 = arange(c) * V; minus_one: [c] fp32
     of -1. The loss comes from the target's fp32 probability (one softmax pass instead of log-softmax + exp);
     it is capped at -log(1e-38) = 87.5 per token, far above any loss a model produces.

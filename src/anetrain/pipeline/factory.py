@@ -22,7 +22,6 @@ class PipelineChoice:
     pipeline: str = "optimized"
     backend: str = "auto"
     dtype: str = "auto"
-    compile: bool = True
     dw_device: str | None = None
     loss_chunk: int | None = None
     ane_chip: str = "auto"
@@ -92,14 +91,11 @@ def make_pipeline(
     if choice.pipeline == "baseline":
         return BaselinePipeline(params, compaction=compaction, loss_chunk=choice.loss_chunk)
     if choice.pipeline == "optimized":
-        try:
-            from .optimized import OptimizedPipeline
-        except ImportError:
-            raise AnetrainError("the optimized pipeline is not built yet; use --pipeline baseline") from None
+        from .optimized import OptimizedPipeline
+
         return OptimizedPipeline(
             params,
             dtype=dtype,
-            compile=choice.compile,
             dw_device=choice.dw_device,
             compaction=compaction,
             loss_chunk=choice.loss_chunk,

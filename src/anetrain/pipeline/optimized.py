@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backends import fused as F
+from ..backends.gemm import MatMul, blas_threads, torch_matmul
+from ..backends.gemm import choose as choose_gemm
 from ..data.compaction import VocabCompaction
 from ..kernels.rope import Rope
 from ..params import ModelParams
@@ -86,11 +88,11 @@ class OptimizedPipeline:
         params: ModelParams,
         *,
         dtype: str = "bf16",
-        compile: bool = False,
         dw_device: str | None = None,
         compaction: VocabCompaction | None = None,
         loss_chunk: int | None = None,
         dw: str = "auto",
+        blas: str = "auto",
     ) -> None:
         self.cfg = params.cfg
         self.params = params  # fp32 master
@@ -98,11 +100,12 @@ class OptimizedPipeline:
         self.precision = dtype
         self.cdt = DTYPES[dtype]
         self.needs_loss_scaling = dtype == "fp16"
+        # fp32 products on the CPU go through numpy's OpenBLAS (backends/gemm.py), 16-bit ones through torch
+        self.blas, self.mm = choose_gemm(self.cdt, self.device, blas)
         self.grads = params.like()
         self.times = PhaseTimes()
         self.compaction = compaction
         self.loss_chunk = loss_chunk or 64
-        self.compile_requested = compile
         self.backend = self.device.type
         # the compute copy of the weights (the master itself in fp32)
         self.w = params if self.cdt == torch.float32 else params.like(self.cdt)
@@ -222,7 +225,6 @@ class OptimizedPipeline:
             "xL": e(b, s, d),
             "rstdf": e(b, s, 1, dtype=f32),
             "xf": e(b, s, d),
-            "logits16": e(chunk, vc),
             "probs": e(chunk, vc, dtype=f32),
             "picked": e(chunk, 1, dtype=f32),
             "picked_sum": e((), dtype=f32),
@@ -269,8 +271,9 @@ class OptimizedPipeline:
     @torch.no_grad()
     def loss(self, window: torch.Tensor) -> float:
         ws = self._workspace(window.shape[0], window.shape[1] - 1)
-        self._forward(window, ws)
-        return float(self._classifier(ws, 1.0, backward=False))
+        with blas_threads(self.blas):
+            self._forward(window, ws)
+            return float(self._classifier(ws, 1.0, backward=False))
 
     # ---- one micro-step ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -278,12 +281,13 @@ class OptimizedPipeline:
         b, s1 = window.shape
         ws = self._workspace(b, s1 - 1)
         dw_busy0 = self.dw.busy_ms
-        with self.times.phase("forward"):
-            self._forward(window, ws)
-            loss = self._classifier(ws, grad_scale, backward=True)
-        with self.times.phase("backward_dx"):
-            self._backward(ws)
-        self.times.add("wait", self.dw.wait())
+        with blas_threads(self.blas):
+            with self.times.phase("forward"):
+                self._forward(window, ws)
+                loss = self._classifier(ws, grad_scale, backward=True)
+            with self.times.phase("backward_dx"):
+                self._backward(ws)
+            self.times.add("wait", self.dw.wait())
         self.dw.flush(self.grads)
         dw_ms = self.dw.busy_ms - dw_busy0
         self.times.add("dw", dw_ms)
@@ -292,7 +296,7 @@ class OptimizedPipeline:
         return float(loss)
 
     def _forward(self, window: torch.Tensor, ws: Workspace) -> None:
-        cfg, w, p32 = self.cfg, self.w, self.params
+        cfg, w, p32, mm = self.cfg, self.w, self.params, self.mm
         alpha, eps = cfg.residual_scale, cfg.norm_eps
         b, s = ws.batch, ws.seq
         n = b * s
@@ -308,40 +312,46 @@ class OptimizedPipeline:
             # attention block
             lb.x.copy_(x)
             F.rmsnorm_forward_into(lb.xn, lb.rstd1, x, lp.attention_norm, eps, ws.tmp)
-            torch.mm(lb.xn.view(n, -1), lw.qkv.t(), out=ws.qkv.view(n, -1))
+            mm(lb.xn.view(n, -1), lw.qkv.t(), ws.qkv.view(n, -1))
             F.rope_split_into(lb.q, lb.k, lb.v, ws.qkv, (ws.fq, ws.fk), ws.qkv32, ws.rot32)
-            F.attention_forward_into(ws.out, lb.p, lb.q, lb.k, lb.v, ws.mask, ws.scores, ws.scores32)
+            F.attention_forward_into(ws.out, lb.p, lb.q, lb.k, lb.v, ws.mask, ws.scores, ws.scores32, mm)
             lb.attn.view(b, s, cfg.n_heads, -1).copy_(ws.out.transpose(1, 2))
             # output projection + residual
-            torch.mm(lb.attn.view(n, -1), lw.wo.t(), out=ws.o.view(n, -1))
+            mm(lb.attn.view(n, -1), lw.wo.t(), ws.o.view(n, -1))
             ws.tmp.copy_(ws.o)
             x.add_(ws.tmp, alpha=alpha)
             # FFN block + residual
             lb.x2.copy_(x)
             F.rmsnorm_forward_into(lb.xn2, lb.rstd2, x, lp.ffn_norm, eps, ws.tmp)
-            torch.mm(lb.xn2.view(n, -1), lw.w13.t(), out=lb.h13.view(n, -1))
+            mm(lb.xn2.view(n, -1), lw.w13.t(), lb.h13.view(n, -1))
             F.swiglu_forward_into(lb.g, lb.h13)
-            torch.mm(lb.g.view(n, -1), lw.w2.t(), out=ws.f.view(n, -1))
+            mm(lb.g.view(n, -1), lw.w2.t(), ws.f.view(n, -1))
             ws.tmp.copy_(ws.f)
             x.add_(ws.tmp, alpha=alpha)
         ws.xL.copy_(x)
         F.rmsnorm_forward_into(ws.xf, ws.rstdf, x, p32.final_norm, eps, ws.tmp)
 
     def _classifier(self, ws: Workspace, grad_scale: float, backward: bool) -> torch.Tensor:
-        """Chunked classifier + cross-entropy; with ``backward``, also dlogits and dxf. Returns the mean loss."""
+        """Classifier + cross-entropy; with ``backward``, also dlogits and dxf. Returns the mean loss.
+
+        The logits are one GEMM for all N tokens, in the compute dtype, written into the dlogits buffer
+        itself; the softmax and cross-entropy then run in fp32 ``loss_chunk`` rows at a time, overwriting
+        each chunk of logits with its gradient; dxf is again one GEMM. Big GEMMs run near peak where per-chunk
+        ones (K = D small, N = V large) did not, and fp32 logits never exist for more than a chunk.
+        """
         n = ws.batch * ws.seq
         xf = ws.xf.view(n, -1)
         wc = self.w_cls
+        logits = ws.dlogits  # [N, V] in the compute dtype; becomes dlogits chunk by chunk
+        self.mm(xf, wc.t(), logits)
         ws.loss.zero_()
-        chunk = ws.logits16.shape[0]
+        chunk = ws.probs.shape[0]
         for lo in range(0, n, chunk):
             c = min(chunk, n - lo)
-            logits16 = ws.logits16[:c]
-            torch.mm(xf[lo : lo + c], wc.t(), out=logits16)
             F.cross_entropy_chunk_into(
-                ws.dlogits[lo : lo + c],
+                logits[lo : lo + c],
                 ws.loss,
-                logits16,
+                logits[lo : lo + c],
                 ws.targets[lo : lo + c],
                 grad_scale / n,
                 ws.probs[:c],
@@ -351,11 +361,13 @@ class OptimizedPipeline:
                 ws.row_base[:c],
                 ws.minus_one[:c],
             )
-            if backward:
-                torch.mm(ws.dlogits[lo : lo + c], wc, out=ws.dxf.view(n, -1)[lo : lo + c])
+        if backward:
+            self.mm(logits, wc, ws.dxf.view(n, -1))
         if backward:
             if self.compaction is None:
-                self.dw.submit(_weight_grad, self.grads.classifier, ws.dlogits, xf, ws.mm_cls, ws.acc_scratch)
+                self.dw.submit(
+                    _weight_grad, self.grads.classifier, ws.dlogits, xf, ws.mm_cls, ws.acc_scratch, self.mm
+                )
             else:
                 self.dw.submit(
                     _compact_classifier_grad,
@@ -366,11 +378,12 @@ class OptimizedPipeline:
                     ws.acc_scratch,
                     self._ids,
                     ws.cls_grad,
+                    self.mm,
                 )
         return float(ws.loss) / n  # type: ignore[return-value]
 
     def _backward(self, ws: Workspace) -> None:
-        cfg, w, p32, g = self.cfg, self.w, self.params, self.grads
+        cfg, w, p32, g, mm = self.cfg, self.w, self.params, self.grads, self.mm
         alpha = cfg.residual_scale
         b, s = ws.batch, ws.seq
         n = b * s
@@ -378,7 +391,8 @@ class OptimizedPipeline:
         scratch = (ws.tmp, ws.tmp2, ws.tmp3)
         submit = self.dw.submit
         buckets = iter(self._buckets)
-        threads_changed = self.backward_threads != self.main_threads
+        threads_before = torch.get_num_threads()
+        threads_changed = self.backward_threads < threads_before
         if threads_changed:
             torch.set_num_threads(self.backward_threads)
         try:
@@ -392,28 +406,30 @@ class OptimizedPipeline:
             for lw, lp, lg, lb in layers:
                 # FFN half: df = alpha dy; dg = df W2; SwiGLU'; dxn2 = dh13 W13
                 _scaled_copy(lb.df, dy, alpha, ws.tmp)
-                submit(_weight_grad, lg.w2, lb.df, lb.g, ws.mm_w2, ws.acc_scratch)
-                torch.mm(lb.df.view(n, -1), lw.w2, out=ws.dg.view(n, -1))
+                submit(_weight_grad, lg.w2, lb.df, lb.g, ws.mm_w2, ws.acc_scratch, mm)
+                mm(lb.df.view(n, -1), lw.w2, ws.dg.view(n, -1))
                 F.swiglu_backward_into(lb.dh13, ws.dg, lb.h13, ws.gtmp)
-                submit(_weight_grad, lg.w13, lb.dh13, lb.xn2, ws.mm_w13, ws.acc_scratch)
-                torch.mm(lb.dh13.view(n, -1), lw.w13, out=ws.dxn.view(n, -1))
+                submit(_weight_grad, lg.w13, lb.dh13, lb.xn2, ws.mm_w13, ws.acc_scratch, mm)
+                mm(lb.dh13.view(n, -1), lw.w13, ws.dxn.view(n, -1))
                 dx2.copy_(dy)  # the residual passes dy straight through
                 F.rmsnorm_backward_into(
                     dx2, lg.ffn_norm, ws.dxn, lb.x2, lb.rstd2, lp.ffn_norm, scratch, ws.proj, ws.dg_tmp
                 )
                 # attention half: do = alpha dx2; dattn = do Wo; attention'; RoPE^-1; dxn = dqkv Wqkv
                 _scaled_copy(lb.do, dx2, alpha, ws.tmp)
-                submit(_weight_grad, lg.wo, lb.do, lb.attn, ws.mm_wo, ws.acc_scratch)
-                torch.mm(lb.do.view(n, -1), lw.wo, out=ws.dattn.view(n, -1))
+                submit(_weight_grad, lg.wo, lb.do, lb.attn, ws.mm_wo, ws.acc_scratch, mm)
+                mm(lb.do.view(n, -1), lw.wo, ws.dattn.view(n, -1))
                 ws.dout.copy_(ws.dattn.view(b, s, cfg.n_heads, -1).transpose(1, 2))
-                F.attention_backward_into(ws.dq, ws.dk, ws.dv, ws.dout, lb.p, lb.q, lb.k, lb.v, ws.dp, ws.ds)
+                F.attention_backward_into(
+                    ws.dq, ws.dk, ws.dv, ws.dout, lb.p, lb.q, lb.k, lb.v, ws.dp, ws.ds, mm
+                )
                 F.rope_merge_backward_into(
                     lb.dqkv, ws.dq, ws.dk, ws.dv, (ws.fq_conj, ws.fk_conj), ws.d32, ws.rot32
                 )
-                submit(_weight_grad, lg.qkv, lb.dqkv, lb.xn, ws.mm_qkv, ws.acc_scratch)
+                submit(_weight_grad, lg.qkv, lb.dqkv, lb.xn, ws.mm_qkv, ws.acc_scratch, mm)
                 if self.grad_ready_hook is not None:  # this layer's gradients are complete once the jobs ran
                     submit(self.grad_ready_hook, next(buckets))
-                torch.mm(lb.dqkv.view(n, -1), lw.qkv, out=ws.dxn.view(n, -1))
+                mm(lb.dqkv.view(n, -1), lw.qkv, ws.dxn.view(n, -1))
                 dy.copy_(dx2)
                 F.rmsnorm_backward_into(
                     dy,
@@ -433,7 +449,7 @@ class OptimizedPipeline:
                     submit(self.grad_ready_hook, rest)
         finally:
             if threads_changed:
-                torch.set_num_threads(self.main_threads)
+                torch.set_num_threads(threads_before)
 
 
 def _embedding_grad(g_emb: torch.Tensor, tokens: torch.Tensor, dy: torch.Tensor) -> None:
@@ -452,14 +468,15 @@ def _scaled_copy(dst: torch.Tensor, src: torch.Tensor, alpha: float, tmp: torch.
 
 # ---- dW jobs (run by the executor; every tensor they touch is an argument, so DeviceDW can stage it) -----
 def _weight_grad(
-    gw: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, prod: torch.Tensor, scratch: torch.Tensor
+    gw: torch.Tensor,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    prod: torch.Tensor,
+    scratch: torch.Tensor,
+    mm: MatMul = torch_matmul,
 ) -> None:
-    """gw (fp32) += dy^T x: the product formed in the compute dtype, accumulated in fp32."""
-    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-    if prod.dtype == gw.dtype:
-        gw.addmm_(dy2.t(), x2)
-        return
-    torch.mm(dy2.t(), x2, out=prod)
+    """gw (fp32) += dy^T x: the product formed in the compute dtype (into ``prod``), accumulated in fp32."""
+    mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]), prod)
     F.accumulate_into(gw, prod, scratch)
 
 
@@ -471,8 +488,9 @@ def _compact_classifier_grad(
     scratch: torch.Tensor,
     ids: torch.Tensor,
     acc: torch.Tensor,
+    mm: MatMul = torch_matmul,
 ) -> None:
     """g_cls[ids] += dlogits^T xf: the compact classifier's gradient scattered into the full table."""
     acc.zero_()
-    _weight_grad(acc, dlogits, xf, prod, scratch)
+    _weight_grad(acc, dlogits, xf, prod, scratch, mm)
     g_cls.index_add_(0, ids, acc)
