@@ -26,7 +26,16 @@ def test_presets_are_named_exactly_and_have_the_published_shapes():
     assert set(PRESETS) == set(want)
     for name, shape in want.items():
         c = PRESETS[name]
-        assert (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.seq_len) == shape
+        assert (
+            c.dim,
+            c.hidden_dim,
+            c.n_layers,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            c.vocab_size,
+            c.seq_len,
+        ) == shape
     # parameter counts from llama2.c's files and the original's banner
     assert PRESETS["stories260K"].param_count() == 260_032
     assert PRESETS["stories15M"].param_count() == 15_191_712
@@ -55,18 +64,32 @@ def test_invalid_configs_are_refused_with_a_clear_message(bad, message):
 
 def test_config_files_toml_and_json(tmp_path):
     toml = tmp_path / "m.toml"
-    toml.write_text('[model]\ndim = 96\nhidden = 256\nlayers = 3\nheads = 6\nkv_heads = 2\nhead_dim = 32\n'
-                    'vocab = 300\nseq_len = 128\nrope_theta = 500000.0\nresidual_scale = "deepnet"\n'
-                    "tied_classifier = false\n")
+    toml.write_text(
+        "[model]\ndim = 96\nhidden = 256\nlayers = 3\nheads = 6\nkv_heads = 2\nhead_dim = 32\n"
+        'vocab = 300\nseq_len = 128\nrope_theta = 500000.0\nresidual_scale = "deepnet"\n'
+        "tied_classifier = false\n"
+    )
     c = load_config_file(toml)
-    assert (c.dim, c.hidden_dim, c.n_layers, c.n_kv_heads, c.head_dim, c.q_dim, c.kv_dim) == (96, 256, 3, 2, 32, 192, 64)
+    assert (c.dim, c.hidden_dim, c.n_layers, c.n_kv_heads, c.head_dim, c.q_dim, c.kv_dim) == (
+        96,
+        256,
+        3,
+        2,
+        32,
+        192,
+        64,
+    )
     assert c.rope_theta == 5e5 and not c.tied_classifier
     assert c.residual_scale == pytest.approx(1 / math.sqrt(6)) == deepnet_alpha(3)
     js = tmp_path / "m.json"
-    js.write_text('{"dim": 32, "hidden_dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": 10, "seq_len": 8}')
+    js.write_text(
+        '{"dim": 32, "hidden_dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": 10, "seq_len": 8}'
+    )
     assert resolve_config(str(js)).n_kv_heads == 4
     bad = tmp_path / "bad.toml"
-    bad.write_text("dim = 64\nhidden_dim = 128\nn_layers = 2\nn_heads = 6\nn_kv_heads = 4\nvocab_size = 9\nseq_len = 8\n")
+    bad.write_text(
+        "dim = 64\nhidden_dim = 128\nn_layers = 2\nn_heads = 6\nn_kv_heads = 4\nvocab_size = 9\nseq_len = 8\n"
+    )
     with pytest.raises(InputError, match=r"bad\.toml: .*not divisible"):
         load_config_file(bad)
     broken = tmp_path / "broken.toml"
@@ -78,8 +101,16 @@ def test_config_files_toml_and_json(tmp_path):
 
 
 def test_flat_layout_names_views_and_decay_groups():
-    cfg = make_config(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, seq_len=16,
-                      tied_classifier=False)
+    cfg = make_config(
+        dim=32,
+        hidden_dim=48,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=50,
+        seq_len=16,
+        tied_classifier=False,
+    )
     p = init_params(cfg)
     assert p.numel() == cfg.param_count() == sum(s.numel for s in param_specs(cfg))
     # every named tensor is a view of the one buffer
@@ -141,8 +172,16 @@ def test_vectorized_drand48_equals_the_scalar_recurrence():
 
 
 def test_folding_the_residual_scale_keeps_the_function():
-    cfg = make_config(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=40, seq_len=16,
-                      residual_scale="deepnet")
+    cfg = make_config(
+        dim=32,
+        hidden_dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=40,
+        seq_len=16,
+        residual_scale="deepnet",
+    )
     p = init_params(cfg, seed=3).to(torch.float64)
     folded = fold_residual_scale(p)
     assert folded.cfg.residual_scale == 1.0

@@ -134,7 +134,7 @@ def test_two_ranks_match_one_process_with_doubled_accumulation(one_process, two_
 def test_optimized_pipeline_two_ranks_match_one_process(tmp_path, model):
     """The optimized pipeline (fp32, a dW worker thread per rank, so the all-reduces start on that thread as
     each layer's gradients complete)."""
-    opts = {**RUN, "pipeline": "optimized", "dtype": "fp32", "compile": False, "threads": 2}
+    opts = {**RUN, "pipeline": "optimized", "dtype": "fp32", "threads": 2}
     one, two = tmp_path / "one", tmp_path / "two"
     res = run_cli(train_argv(model, valid_head_tokens(), one, accum=2, **opts))
     assert res.rc == 0, res.err

@@ -9,13 +9,13 @@ import io
 import tarfile
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from anetrain.cli import main
 from anetrain.data import download as D
 from anetrain.errors import AnetrainError
-
 from conftest import shared_file
 
 
@@ -23,10 +23,10 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
     """Serves files from ``root`` under their URL path, honouring ``Range: bytes=N-``; can cut a response."""
 
     root: Path
-    cut_after: dict[str, int] = {}  # path -> stop sending after this many bytes (simulated interruption)
-    requests: list[tuple[str, str | None]] = []
+    cut_after: ClassVar[dict[str, int]] = {}  # path -> stop after this many bytes (simulated interruption)
+    requests: ClassVar[list[tuple[str, str | None]]] = []
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         path = self.path.split("?")[0]
         self.requests.append((path, self.headers.get("Range")))
         f = self.root / path.lstrip("/")

@@ -25,7 +25,9 @@ def test_matches_torch_adamw_with_decay_only_on_matrices(kind):
     no_decay = [t for t in ref.values() if t.dim() < 2]
     torch_opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": ocfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=1e-2, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps,
+        lr=1e-2,
+        betas=(ocfg.beta1, ocfg.beta2),
+        eps=ocfg.eps,
     )
     g = torch.Generator().manual_seed(1)
     for _ in range(5):

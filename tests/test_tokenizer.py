@@ -9,7 +9,6 @@ runs first makes run.c and sentencepiece agree there too.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 import shutil

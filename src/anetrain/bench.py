@@ -184,7 +184,7 @@ def run_reference(bc: BenchConfig, windows: list[torch.Tensor]) -> RowResult:
 
 def run_pipeline(name: str, bc: BenchConfig, windows: list[torch.Tensor]) -> RowResult:
     precision = "fp32" if name == "baseline" else bc.dtype
-    choice = PipelineChoice(pipeline=name, backend=bc.device, dtype=precision, compile=bc.compile)
+    choice = PipelineChoice(pipeline=name, backend=bc.device, dtype=precision)
     pipe = make_pipeline(init_params(bc.cfg, "llama2c", bc.seed), choice)
     opt = AdamW(
         pipe.params, OptimizerConfig.for_kind("adamw", lr=bc.lr, warmup=0, total_steps=10**9, clip=bc.clip)

@@ -134,10 +134,9 @@ def save_checkpoint(
         keep_msg = f"the previous checkpoint {kept} is kept" if kept else "no earlier checkpoint exists"
         raise AnetrainError(f"{final}: checkpoint write failed ({describe_os_error(e)}); {keep_msg}") from e
     for pointer in pointers:
-        try:
+        # the checkpoint itself is complete; if a pointer cannot be written, loading falls back to scanning
+        with contextlib.suppress(AnetrainError):
             atomic_write_text(root / pointer, name + "\n")
-        except AnetrainError:
-            pass  # the checkpoint itself is complete; loading falls back to scanning
     return final
 
 
@@ -149,7 +148,7 @@ def read_pointer(root: Path, pointer: str) -> str | None:
 
 
 def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> None:
-    """Delete all but the newest ``keep`` step checkpoints (never the ones a pointer names) and stale temps."""
+    """Delete all but the newest ``keep`` step checkpoints (never one a pointer names) and stale temps."""
     root = Path(run_dir) / "checkpoints"
     if not root.exists():
         return

@@ -109,8 +109,10 @@ class AdamW:
         divided values in ``grads``).
         """
         p, s, c = self.params, self.state, self.cfg
-        groups = [(p.decay, grads.decay, s.m.decay, s.v.decay, c.weight_decay),
-                  (p.no_decay, grads.no_decay, s.m.no_decay, s.v.no_decay, 0.0)]
+        groups = [
+            (p.decay, grads.decay, s.m.decay, s.v.decay, c.weight_decay),
+            (p.no_decay, grads.no_decay, s.m.no_decay, s.v.no_decay, 0.0),
+        ]
         fused = p.flat.device.type in ("cpu", "cuda") and p.flat.dtype in (torch.float32, torch.float64)
         scale = None
         if grad_divisor != 1.0:
@@ -123,10 +125,23 @@ class AdamW:
                 continue
             step = torch.tensor(float(s.t), dtype=torch.float32)
             torch_adam(
-                [w], [g], [m], [v], [], [step],
-                fused=fused, foreach=None if fused else False, grad_scale=scale,
-                decoupled_weight_decay=True, amsgrad=False, maximize=False,
-                beta1=c.beta1, beta2=c.beta2, lr=lr, weight_decay=wd, eps=c.eps,
+                [w],
+                [g],
+                [m],
+                [v],
+                [],
+                [step],
+                fused=fused,
+                foreach=None if fused else False,
+                grad_scale=scale,
+                decoupled_weight_decay=True,
+                amsgrad=False,
+                maximize=False,
+                beta1=c.beta1,
+                beta2=c.beta2,
+                lr=lr,
+                weight_decay=wd,
+                eps=c.eps,
             )
         s.t += 1
 

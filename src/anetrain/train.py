@@ -163,12 +163,18 @@ class TrainOptions:
         "else fp16 with loss scaling), fp32, bf16, fp16",
         choices=("auto", "fp32", "bf16", "fp16"),
     )
-    compile: bool = opt(True, "fuse elementwise work with torch.compile (optimized pipeline)")
     dw_device: str | None = opt(None, "device for the weight-gradient GEMMs (e.g. cpu while dx runs on cuda)")
     ane_chip: str = opt(
-        "m4",
-        "Apple chip family whose MIL dialect the ANE programs use (ane, ane-sim backends)",
-        choices=("m1", "m2", "m3", "m4", "m5"),
+        "auto",
+        "Apple chip family whose MIL dialect the ANE programs use: auto (detected on a Mac; m4 for ane-sim), "
+        "m1, m2, m3, m4, m5",
+        choices=("auto", "m1", "m2", "m3", "m4", "m5"),
+    )
+    ane_runtime: str | None = opt(
+        None,
+        "how --backend ane reaches the Neural Engine: private (the in-memory compiler, the original's way; "
+        "default), coreml (Core ML with CPU_AND_NE, the sanctioned route) or sim (the simulator, tests)",
+        choices=("private", "coreml", "sim"),
     )
     ane_inputs: str = opt(
         "separate",
@@ -272,7 +278,6 @@ RESUME_OVERRIDABLE = {
     "pipeline",
     "backend",
     "dtype",
-    "compile",
     "dw_device",
     "ane_chip",
     "ane_inputs",
@@ -577,10 +582,10 @@ class Trainer:
             pipeline=o.pipeline,
             backend=o.backend,
             dtype=o.dtype,
-            compile=o.compile,
             dw_device=o.dw_device,
             ane_chip=o.ane_chip,
             ane_inputs=o.ane_inputs,
+            ane_runtime=o.ane_runtime,
         )
         self.pipe: Pipeline = make_pipeline(params, choice, self.compaction)
         if self.world.backend == "nccl" and self.pipe.params.flat.device.type != "cuda":
@@ -1180,7 +1185,7 @@ def _prepare_run(
             ) in EMBEDDED_DEFAULTS.items():  # settings tuned for the embedded corpus, unless given
                 if key not in given:
                     setattr(opts, key, value)
-            opts.data, opts.tokenizer = (str(p) for p in prepare_embedded(run_dir / "data", log=both))
+            opts.data, opts.tokenizer = (str(p) for p in prepare_embedded(log=both))
     except BaseException:
         both.close()
         raise

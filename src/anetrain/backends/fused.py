@@ -9,8 +9,8 @@ Two rewritings make the attention cheaper without changing its math:
 
 * **Pre-scaled queries.** RoPE writes ``q * 1/sqrt(dh)``, so scores are a plain ``q k^T``; the backward then
   gets ``dk = dS^T (q/sqrt(dh))`` directly and applies the same scale to ``dq`` in the inverse rotation.
-* **Grouped GEMMs for GQA.** With ``q`` stored as ``[B, Hkv, R, S, dh]`` (query head h = kv head h // R, member
-  h % R), the R query heads that share a kv head stack along the GEMM's M dimension:
+* **Grouped GEMMs for GQA.** With ``q`` stored as ``[B, Hkv, R, S, dh]`` (query head h = kv head h // R,
+  member h % R), the R query heads that share a kv head stack along the GEMM's M dimension:
   ``scores = q[B*Hkv, R*S, dh] @ k[B*Hkv, dh, S]``. No K/V copies are made, and in the backward
   ``dv = P^T dO`` and ``dk = dS^T q`` sum over the R heads inside the GEMM's contraction: the GQA reduction.
 """
@@ -98,7 +98,7 @@ def rope_split_into(
     q: [B, H, S, dh]; k, v: [B, Hkv, S, dh]; freqs: from :func:`rope_tables`; qkv32: [B, S, Dq+2Dkv] and
     rot32: [B, S, H, dh] fp32 scratch. The rotation is computed in fp32 and rounded once.
     """
-    b, h, s, dh = q.shape
+    _, h, _, dh = q.shape
     hkv = k.shape[1]
     qkv32.copy_(qkv)
     lo = 0
@@ -127,7 +127,7 @@ def rope_merge_backward_into(
     ``freqs`` are the conjugates of the forward's (the inverse rotation; the q scale stays, since
     d(s R q)/dq = s R^T), made once with ``.conj().resolve_conj()``. d32, rot32: [B, S, H, dh] fp32 scratch.
     """
-    b, h, s, dh = dq.shape
+    _, h, _, dh = dq.shape
     hkv = dk.shape[1]
     lo = 0
     for src, n, f in ((dq, h, freqs[0]), (dk, hkv, freqs[1])):
@@ -162,7 +162,7 @@ def attention_forward_into(
     mask: [S, S] fp32, 0 where t' <= t and -inf above the diagonal. The softmax runs in fp32 (it is also
     faster there than in bf16 on CPU) and P is rounded once.
     """
-    b, h, s, dh = q.shape
+    b, _, s, dh = q.shape
     hkv = k.shape[1]
     qg = q.view(b * hkv, -1, dh)  # [B*Hkv, R*S, dh]
     kg = k.view(b * hkv, s, dh)
@@ -188,7 +188,7 @@ def attention_backward_into(
     matmul: MatMul = torch_matmul,
 ) -> None:
     """dq (w.r.t. the scaled q), dk, dv from dout: [B, H, S, dh]; the GQA sums happen inside the GEMMs."""
-    b, h, s, dh = q.shape
+    b, _, s, dh = q.shape
     hkv = k.shape[1]
     g = b * hkv
     dog = dout.view(g, -1, dh)  # [B*Hkv, R*S, dh]
@@ -233,10 +233,11 @@ def cross_entropy_chunk_into(
 ) -> None:
     """dlogits = (softmax - onehot) * grad_scale; loss_acc += sum of -log p[target]   (c rows of [c, V]).
 
-    logits16: [c, V] (16-bit GEMM output; may be the same memory as dlogits, which is written last); probs: [c, V] fp32 scratch; targets: [c] int64; picked: [c, 1]
-    fp32; picked_sum: [] fp32; flat_idx: [c] int64; row_base: [c] int64 = arange(c) * V; minus_one: [c] fp32
-    of -1. The loss comes from the target's fp32 probability (one softmax pass instead of log-softmax + exp);
-    it is capped at -log(1e-38) = 87.5 per token, far above any loss a model produces.
+    logits16: [c, V] (16-bit GEMM output; may be the same memory as dlogits, which is written last);
+    probs: [c, V] fp32 scratch; targets: [c] int64; picked: [c, 1] fp32; picked_sum: [] fp32; flat_idx: [c]
+    int64; row_base: [c] int64 = arange(c) * V; minus_one: [c] fp32 of -1. The loss comes from the target's
+    fp32 probability (one softmax pass instead of log-softmax + exp); it is capped at -log(1e-38) = 87.5 per
+    token, far above any loss a model produces.
     """
     probs.copy_(logits16)
     aten._softmax.out(probs, -1, False, out=probs)

@@ -7,8 +7,8 @@ reached 0.10-0.16 TFLOPS in fp32 and numpy 0.24 TFLOPS (0.42-0.46 with the envir
 given output (numpy views of the same memory), so nothing is allocated.
 
 OpenBLAS and torch's OpenMP threads each spin-wait after their work; interleaved on the same cores they starve
-each other. A pipeline that uses the numpy path therefore runs torch's own (elementwise, memory-bound) work with
-one intra-op thread, see :func:`blas_threads`.
+each other. A pipeline that uses the numpy path therefore runs torch's own (elementwise, memory-bound) work
+with one intra-op thread, see :func:`blas_threads`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def choose(dtype: torch.dtype, device: torch.device, prefer: str = "auto") -> tu
 
 @contextmanager
 def blas_threads(name: str) -> Iterator[None]:
-    """While numpy's BLAS does the products, torch's own work runs on one thread (see the module docstring)."""
+    """While numpy's BLAS does the products, torch's own work runs on one thread (see the module doc)."""
     if name != "numpy":
         yield
         return

@@ -128,8 +128,8 @@ def fetch(asset: Asset, out_dir: Path, *, progress: Progress | None = None, time
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise AnetrainError(
-            f"{asset.url}: cannot download ({reason}); are you offline? {part.name} keeps what was fetched and "
-            "the next attempt resumes from it"
+            f"{asset.url}: cannot download ({reason}); are you offline? {part.name} keeps what was fetched "
+            "and the next attempt resumes from it"
         ) from None
     _check(part, asset)
     os.replace(part, dest)

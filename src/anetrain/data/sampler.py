@@ -211,10 +211,12 @@ def make_sampler(
 def eval_windows(
     tokens: np.ndarray, lo: int, hi: int, seq: int, batch: int, n_batches: int
 ) -> list[torch.Tensor]:
-    """A fixed set of validation batches from ``tokens[lo:hi]``, the same at every evaluation."""
-    rng = np.random.Generator(np.random.PCG64(20240520))
+    """A fixed set of validation batches from ``tokens[lo:hi]``, the same at every evaluation.
+
+    The ``batch * n_batches`` windows start at evenly spaced offsets across the region (non-overlapping when
+    it is long enough), so the estimate covers the whole validation data rather than a random sample of it.
+    """
+    n = batch * n_batches
     top = hi - seq - 1  # last valid start
-    return [
-        gather_windows(tokens, lo + rng.integers(0, top - lo + 1, size=batch), seq + 1)
-        for _ in range(n_batches)
-    ]
+    starts = np.linspace(lo, top, n).round().astype(np.int64) if n > 1 else np.array([lo], dtype=np.int64)
+    return [gather_windows(tokens, starts[i * batch : (i + 1) * batch], seq + 1) for i in range(n_batches)]

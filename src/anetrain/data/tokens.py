@@ -98,6 +98,6 @@ def check_tokens(
         if tokenizer_fingerprint and fp and fp != tokenizer_fingerprint:
             raise InputError(
                 sidecar_path(tf.path),
-                f"made with tokenizer {tf.sidecar.get('tokenizer', '?')} which does not match the run's tokenizer "
-                "(fingerprints differ)",
+                f"made with tokenizer {tf.sidecar.get('tokenizer', '?')} which does not match the run's "
+                "tokenizer (fingerprints differ)",
             )

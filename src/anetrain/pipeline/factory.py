@@ -1,4 +1,4 @@
-"""Choose and build a pipeline from the user's options: which schedule, on which device, in which precision."""
+"""Choose and build a pipeline from the user's options: which schedule, on which device, in what precision."""
 
 from __future__ import annotations
 

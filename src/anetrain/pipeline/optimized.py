@@ -112,8 +112,8 @@ class OptimizedPipeline:
         self.w_cls: torch.Tensor = self.w.classifier
         self.after_update()
         self.ws: Workspace | None = None
-        #: called with each gradient bucket (``grads.buckets()``, last layer first) once its gradients for this
-        #: micro-step are complete, on the dW executor; the distributed wrapper starts all-reduces from it
+        #: called with each gradient bucket (``grads.buckets()``, last layer first) once its gradients for
+        #: this micro-step are complete, on the dW executor; the distributed wrapper starts all-reduces there
         self.grad_ready_hook: Callable[[torch.Tensor], None] | None = None
         self._buckets = self.grads.buckets()
         cpu_threads = torch.get_num_threads()

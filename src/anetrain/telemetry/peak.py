@@ -7,6 +7,7 @@ in the training precision for about a second and keeps the best rate; the result
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -88,8 +89,6 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, *, refresh: bool = Fal
         return float(cache[key])
     value = probe_peak_tflops(device, dtype)
     cache[key] = value
-    try:
+    with contextlib.suppress(Exception):  # a read-only home must not stop training
         atomic_write_text(path, json.dumps(cache, indent=1))
-    except Exception:  # a read-only home must not stop training
-        pass
     return value
