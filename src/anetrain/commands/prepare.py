@@ -32,11 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output token file (e.g. data/train.bin)")
     p.add_argument(
         "--separator",
-        choices=("blank", "endoftext"),
+        choices=("blank", "endoftext", "line"),
         default="blank",
-        help="how documents are separated in .txt inputs",
+        help="what separates documents in .txt inputs: an empty line, an <|endoftext|> marker, a newline",
     )
-    p.add_argument("--text-field", default="text", help="field holding the document in .jsonl inputs")
+    p.add_argument(
+        "--text-field",
+        default=None,
+        help='field holding the document in .jsonl/.json inputs (default: "text" or "story")',
+    )
     p.add_argument(
         "--workers",
         type=int,

@@ -1,11 +1,9 @@
 """Text -> token file, exactly like llama2.c's pretokenizer: for every document, BOS (1) then its ids; no EOS.
 
-Inputs, by extension:
-
-    .txt     documents separated by blank lines (``separator="blank"``) or by lines that read
-             ``<|endoftext|>`` (``separator="endoftext"``)
-    .jsonl   one JSON object per line; the document is its ``text`` field (``text_field``)
-    .json    a TinyStories shard: a JSON list of objects whose ``story`` field is the document
+Inputs are read by :func:`anetrain.tokenizer.corpus.read_documents` (the reader the tokenizer trainer uses):
+.txt documents separated by empty lines (``separator="blank"``) or ``<|endoftext|>`` markers
+(``"endoftext"``), .jsonl with a ``text`` (or ``story``, or ``text_field``) field per line, and TinyStories
+JSON shards (lists of objects with a ``story`` field).
 
 Each document is stripped and skipped when empty, as tinystories.py does. Large inputs are encoded in
 parallel (one tokenizer per worker process) with a progress bar. The output is flat little-endian uint16,
@@ -17,67 +15,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import __version__
-from ..errors import AnetrainError, InputError
+from ..errors import InputError
 from ..fsutil import atomic_write, atomic_write_text
 from .tokens import sidecar_path
 
-SEPARATORS = ("blank", "endoftext")
-_ENDOFTEXT = re.compile(r"^\s*<\|endoftext\|>\s*$", re.MULTILINE)
-_BLANK = re.compile(r"\n\n")  # exactly as llama2.c-style splitting on "\n\n"
 UINT16_LIMIT = 65536
-
-
-def read_documents(
-    path: str | os.PathLike[str], separator: str = "blank", text_field: str = "text"
-) -> list[str]:
-    """The stripped, non-empty documents of one input file."""
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise InputError(p, f"cannot read ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(p, f"not UTF-8 text (byte {e.start})") from None
-    suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        docs = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(p, f"line {lineno} is not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                raise InputError(p, f"line {lineno} has no string field {text_field!r}")
-            docs.append(obj[text_field])
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(p, f"not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
-            raise InputError(p, "expected a TinyStories shard: a JSON list of objects with a 'story' field")
-        key = "story" if any("story" in x for x in data) else text_field
-        docs = [x[key] for x in data if isinstance(x.get(key), str)]
-    else:
-        if separator not in SEPARATORS:
-            raise AnetrainError(f"unknown separator {separator!r} (known: {', '.join(SEPARATORS)})")
-        pattern = _ENDOFTEXT if separator == "endoftext" else _BLANK
-        docs = pattern.split(text.replace("\r\n", "\n"))
-    return [d.strip() for d in docs if d.strip()]
 
 
 # ---- parallel encoding ---------------------------------------------------------------------------
@@ -110,12 +60,13 @@ def prepare(
     out: str | os.PathLike[str],
     *,
     separator: str = "blank",
-    text_field: str = "text",
+    text_field: str | None = None,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Encode ``inputs`` into the token file ``out``; returns the sidecar dict it wrote next to it."""
     from ..tokenizer import load_tokenizer
+    from ..tokenizer.corpus import read_documents
 
     tok = load_tokenizer(tokenizer_path)
     if tok.vocab_size > UINT16_LIMIT:
@@ -126,7 +77,7 @@ def prepare(
         )
     docs: list[str] = []
     for path in inputs:
-        docs.extend(read_documents(path, separator, text_field))
+        docs.extend(read_documents(path, separator, text_field))  # the tokenizer trainer's reader
     if not docs:
         raise InputError(inputs[0] if len(inputs) == 1 else ", ".join(inputs), "no documents found")
     total_chars = sum(len(d) for d in docs)

@@ -1,20 +1,21 @@
-"""Reading documents from text corpora for tokenizer training.
+"""Reading documents from text corpora, for tokenizer training and for ``anetrain prepare``.
 
 Formats, chosen by extension:
 
 - ``.jsonl``: one JSON object per line; the document is its ``"text"`` field (or ``"story"``).
 - ``.json``: a list of such objects (TinyStories' ``dataNN.json`` shards use ``"story"``).
-- anything else: UTF-8 text, split into documents by ``separator``: ``"blank"`` (blank lines),
-  ``"endoftext"`` (the marker ``<|endoftext|>``, as in GPT-style dumps of TinyStories) or ``"line"``.
+- anything else: UTF-8 text, split into documents by ``separator``: ``"blank"`` (an empty line, i.e. exactly
+  ``"\n\n"``, as llama2.c-style pretokenized data is split), ``"endoftext"`` (the marker ``<|endoftext|>``,
+  as in GPT-style dumps of TinyStories) or ``"line"``.
 
-Every document is stripped of surrounding whitespace; empty ones are skipped.
+``text_field`` names the one JSON field to read instead. Every document is stripped of surrounding whitespace;
+empty ones are skipped.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ from ..errors import InputError
 
 SEPARATORS = ("blank", "endoftext", "line")
 ENDOFTEXT = "<|endoftext|>"
-_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 _TEXT_FIELDS = ("text", "story")
 
 
@@ -38,19 +38,21 @@ def _read_text(path: Path) -> str:
         raise InputError(path, f"not UTF-8 text (bad byte at offset {e.start})") from None
 
 
-def _field(path: Path, obj: Any, where: str) -> str:
+def _field(path: Path, obj: Any, where: str, text_field: str | None) -> str:
+    fields = (text_field,) if text_field else _TEXT_FIELDS
     if isinstance(obj, dict):
-        for key in _TEXT_FIELDS:
+        for key in fields:
             if isinstance(obj.get(key), str):
                 return obj[key]
-    raise InputError(path, f'{where}: expected an object with a string field "text" or "story"')
+    wanted = " or ".join(f'"{k}"' for k in fields)
+    raise InputError(path, f"{where}: expected an object with a string field {wanted}")
 
 
 def split_documents(text: str, separator: str = "blank") -> list[str]:
     """Documents of a plain-text corpus (stripped, empty ones dropped)."""
     text = text.replace("\r\n", "\n")
     if separator == "blank":
-        parts = _BLANK_LINES.split(text)
+        parts = text.split("\n\n")
     elif separator == "endoftext":
         parts = text.split(ENDOFTEXT)
     elif separator == "line":
@@ -60,7 +62,9 @@ def split_documents(text: str, separator: str = "blank") -> list[str]:
     return [d for d in (p.strip() for p in parts) if d]
 
 
-def read_documents(path: str | os.PathLike[str], separator: str = "blank") -> Iterator[str]:
+def read_documents(
+    path: str | os.PathLike[str], separator: str = "blank", text_field: str | None = None
+) -> Iterator[str]:
     """Every document of one corpus file (see the module docstring for the formats)."""
     p = Path(path)
     if p.is_dir():
@@ -75,7 +79,7 @@ def read_documents(path: str | os.PathLike[str], separator: str = "blank") -> It
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(p, f"line {n}: not valid JSON ({e.msg})") from None
-            doc = _field(p, obj, f"line {n}").strip()
+            doc = _field(p, obj, f"line {n}", text_field).strip()
             if doc:
                 yield doc
     elif suffix == ".json":
@@ -86,7 +90,7 @@ def read_documents(path: str | os.PathLike[str], separator: str = "blank") -> It
         if not isinstance(data, list):
             raise InputError(p, 'expected a JSON list of objects with a "text" or "story" field')
         for n, obj in enumerate(data):
-            doc = _field(p, obj, f"item {n}").strip()
+            doc = _field(p, obj, f"item {n}", text_field).strip()
             if doc:
                 yield doc
     else:
