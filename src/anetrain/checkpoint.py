@@ -17,7 +17,6 @@ verifies if the pointer is missing or names a damaged one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, make_config
 from .errors import AnetrainError, ConfigError, InputError
-from .fsutil import atomic_write_text, describe_os_error, fsync_dir
+from .fsutil import atomic_write_text, describe_os_error, file_sha256, fsync_dir
 from .optim import AdamState
 from .params import ModelParams
 
@@ -52,14 +51,6 @@ class Checkpoint:
     @property
     def step(self) -> int:
         return int(self.manifest["step"])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -106,7 +97,7 @@ def save_checkpoint(
             f = tmp / fname
             if f.exists():
                 _fsync_file(f)
-                files[fname] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                files[fname] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
         full = {
             "format": FORMAT,
             "version": VERSION,
@@ -187,7 +178,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise InputError(f, "missing from the checkpoint")
         if f.stat().st_size != info["bytes"]:
             raise InputError(f, f"size {f.stat().st_size} does not match the manifest ({info['bytes']})")
-        if _sha256(f) != info["sha256"]:
+        if file_sha256(f) != info["sha256"]:
             raise InputError(f, "checksum does not match the manifest (damaged file)")
     return manifest
 

@@ -10,7 +10,6 @@ and the tarball is deleted afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AnetrainError
-from ..fsutil import fsync_dir
+from ..fsutil import file_sha256, fsync_dir
 
 HF = "https://huggingface.co"
 
@@ -75,21 +74,13 @@ ASSETS: dict[str, Asset] = {
 Progress = Callable[[int, int | None], None]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check(path: Path, asset: Asset) -> None:
     size = path.stat().st_size
     if asset.size is not None and size != asset.size:
         raise AnetrainError(
             f"{path}: downloaded {size} bytes, expected {asset.size}; delete it and try again"
         )
-    if asset.sha256 is not None and _sha256(path) != asset.sha256:
+    if asset.sha256 is not None and file_sha256(path) != asset.sha256:
         raise AnetrainError(f"{path}: sha256 does not match the published file; delete it and try again")
 
 

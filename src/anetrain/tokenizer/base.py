@@ -36,15 +36,6 @@ def byte_of_piece(piece: bytes) -> int | None:
     return int(m.group(1), 16) if m else None
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Tokenizer(ABC):
     """What the trainer, the data preparation and generation need from a tokenizer.
 
