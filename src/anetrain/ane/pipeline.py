@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import kernels as K
-from ..data.compaction import VocabCompaction
+from ..data.compaction import VocabCompaction, compacted
 from ..errors import ConfigError
 from ..params import LayerParams, ModelParams
 from ..pipeline.dw import SerialDW, ThreadDW
@@ -163,10 +163,8 @@ class AneSimPipeline:
         return {name: torch.from_numpy(np.stack(vals)) for name, vals in results.items()}
 
     def _classifier(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.params.classifier
-        if self.compaction is None:
-            return w, targets
-        return w.index_select(0, self.compaction.ids), self.compaction.map_targets(targets)
+        """The classifier weight and targets, compacted if asked."""
+        return compacted(self.params.classifier, targets, self.compaction)
 
     # ---- forward ---------------------------------------------------------------------------------
     def _forward(self, tokens: torch.Tensor, keep: bool) -> tuple[torch.Tensor, list[_Taps]]:
@@ -231,7 +229,7 @@ class AneSimPipeline:
             if self.compaction is None:
                 dw.submit(K.weight_grad, g.classifier, dlogits, xf)
             else:
-                dw.submit(_compact_classifier_grad, g.classifier, self.compaction.ids, dlogits, xf)
+                dw.submit(K.scattered_weight_grad, g.classifier, self.compaction.ids, dlogits, xf)
             dy, dg_final = K.rmsnorm_backward(dxf, x, rstd_f, p.final_norm)
             g.final_norm.add_(dg_final)
             for i in reversed(range(cfg.n_layers)):
@@ -268,12 +266,3 @@ class AneSimPipeline:
         if isinstance(dw, SerialDW):
             times.add("backward_dx", -dw_ms)
         return float(loss)
-
-
-def _compact_classifier_grad(
-    g_cls: torch.Tensor, ids: torch.Tensor, dlogits: torch.Tensor, xf: torch.Tensor
-) -> None:
-    """gW[ids] += dlogits^T xf: the compact classifier's gradient scattered into the full table."""
-    gc = torch.zeros(ids.numel(), g_cls.shape[1], dtype=g_cls.dtype)
-    K.weight_grad(gc, dlogits, xf)
-    g_cls.index_add_(0, ids, gc)

@@ -38,3 +38,12 @@ class VocabCompaction:
         if bool((out < 0).any()):
             raise ValueError("a target token is outside the compacted vocabulary")
         return out
+
+
+def compacted(
+    w: torch.Tensor, targets: torch.Tensor, compaction: VocabCompaction | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier weight and targets a pipeline uses: as given, or restricted to the active tokens."""
+    if compaction is None:
+        return w, targets
+    return w.index_select(0, compaction.ids.to(w.device)), compaction.map_targets(targets)

@@ -39,7 +39,7 @@ from .embedding import embedding_backward, embedding_forward
 from .ffn import FFNGrads, FFNTaps, ffn_backward_dx, ffn_forward, swiglu_backward, swiglu_forward
 from .norm import rmsnorm_backward, rmsnorm_forward
 from .rope import Rope, rope_backward, rope_forward
-from .weight_grad import weight_grad
+from .weight_grad import scattered_weight_grad, weight_grad
 
 __all__ = [
     "AttentionGrads",
@@ -62,6 +62,7 @@ __all__ = [
     "rmsnorm_forward",
     "rope_backward",
     "rope_forward",
+    "scattered_weight_grad",
     "swiglu_backward",
     "swiglu_forward",
     "weight_grad",

@@ -21,3 +21,11 @@ def weight_grad(gw: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
         gw.addmm_(dy2.t(), x2)
     else:
         gw.add_(dy2.t() @ x2)  # product in the operands' precision, accumulated in gw's
+
+
+def scattered_weight_grad(gw: torch.Tensor, rows: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+    """gw[rows] += dy^T x: the gradient of a weight restricted to ``rows`` (a compacted classifier) added into
+    the full table.  gw: [V, in]; rows: [V'] int64; dy: [..., V']; x: [..., in]."""
+    part = torch.zeros(rows.numel(), gw.shape[1], dtype=gw.dtype, device=gw.device)  # [V', in]
+    weight_grad(part, dy, x)
+    gw.index_add_(0, rows.to(gw.device), part)

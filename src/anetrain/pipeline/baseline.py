@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from .. import kernels as K
-from ..data.compaction import VocabCompaction
+from ..data.compaction import VocabCompaction, compacted
 from ..params import ModelParams
 from ..timing import PhaseTimes
 from .dw import SerialDW, ThreadDW
@@ -77,10 +77,7 @@ class BaselinePipeline:
 
     def _classifier(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier weight and targets, compacted if asked."""
-        w = self.params.classifier
-        if self.compaction is None:
-            return w, targets
-        return w.index_select(0, self.compaction.ids.to(w.device)), self.compaction.map_targets(targets)
+        return compacted(self.params.classifier, targets, self.compaction)
 
     # ---- forward only (evaluation) -------------------------------------------------------------
     @torch.no_grad()
@@ -138,7 +135,7 @@ class BaselinePipeline:
             if self.compaction is None:
                 dw.submit(K.weight_grad, g.classifier, dlogits, xf)
             else:
-                dw.submit(_compact_classifier_grad, g.classifier, self.compaction.ids, dlogits, xf)
+                dw.submit(K.scattered_weight_grad, g.classifier, self.compaction.ids, dlogits, xf)
             dy, dg_final = K.rmsnorm_backward(dxf, x, rstd_f, p.final_norm)  # [B, S, D]
             g.final_norm.add_(dg_final)
             for w, gw, (ta, tf) in zip(reversed(p.layers), reversed(g.layers), reversed(taps), strict=True):
@@ -172,12 +169,3 @@ class BaselinePipeline:
         if isinstance(dw, SerialDW):  # serial dW ran inside the backward phase: count it once
             times.add("backward_dx", -dw_ms)
         return float(loss)
-
-
-def _compact_classifier_grad(
-    g_cls: torch.Tensor, ids: torch.Tensor, dlogits: torch.Tensor, xf: torch.Tensor
-) -> None:
-    """gW[ids] += dlogits^T xf: the compact classifier's gradient scattered into the full table."""
-    gc = torch.zeros(ids.numel(), g_cls.shape[1], dtype=g_cls.dtype, device=g_cls.device)
-    K.weight_grad(gc, dlogits, xf)
-    g_cls.index_add_(0, ids.to(g_cls.device), gc)
