@@ -183,31 +183,57 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def find_checkpoint(run_dir: str | os.PathLike[str], pointer: str = "latest") -> Path | None:
-    """The checkpoint a pointer names if it verifies, else the newest step checkpoint that verifies."""
+def _candidates(root: Path, pointer: str) -> list[Path]:
+    """The checkpoint a pointer names, then every step checkpoint, newest first."""
+    named = read_pointer(root, pointer)
+    found = [root / named] if named else []
+    return found + sorted(
+        (d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_")), reverse=True
+    )
+
+
+def _find_verified(run_dir: str | os.PathLike[str], pointer: str) -> tuple[Path, dict[str, Any]] | None:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    candidates: list[Path] = []
-    named = read_pointer(root, pointer)
-    if named:
-        candidates.append(root / named)
-    candidates += sorted(
-        (d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_")), reverse=True
-    )
-    for c in candidates:
+    for c in _candidates(root, pointer):
         try:
-            verify_checkpoint(c)
-            return c
+            return c, verify_checkpoint(c)
         except InputError:
             continue
     return None
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, with_optimizer: bool = True) -> Checkpoint:
-    """Read and verify a checkpoint directory."""
+def find_checkpoint(run_dir: str | os.PathLike[str], pointer: str = "latest") -> Path | None:
+    """The checkpoint a pointer names if it verifies, else the newest step checkpoint that verifies."""
+    found = _find_verified(run_dir, pointer)
+    return found[0] if found else None
+
+
+def holds_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether a run directory has any complete checkpoint (its manifest written), without reading it."""
+    root = Path(run_dir) / "checkpoints"
+    return root.is_dir() and any((d / MANIFEST).exists() for d in root.iterdir() if d.is_dir())
+
+
+def load_latest(
+    run_dir: str | os.PathLike[str], pointer: str = "latest", *, with_optimizer: bool = True
+) -> Checkpoint | None:
+    """:func:`find_checkpoint` and :func:`load_checkpoint` in one, verifying the files only once."""
+    found = _find_verified(run_dir, pointer)
+    if found is None:
+        return None
+    return load_checkpoint(found[0], with_optimizer=with_optimizer, manifest=found[1])
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, with_optimizer: bool = True, manifest: dict[str, Any] | None = None
+) -> Checkpoint:
+    """Read a checkpoint directory, verifying its files first unless ``manifest`` is the one
+    :func:`verify_checkpoint` just returned for it."""
     p = Path(path)
-    manifest = verify_checkpoint(p)
+    if manifest is None:
+        manifest = verify_checkpoint(p)
     try:
         cfg = make_config(**manifest["model"])
     except (ConfigError, KeyError, TypeError) as e:

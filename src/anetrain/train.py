@@ -38,8 +38,8 @@ from .checkpoint import (
     Checkpoint,
     checkpoint_name,
     config_difference,
-    find_checkpoint,
-    load_checkpoint,
+    holds_checkpoint,
+    load_latest,
     prune_checkpoints,
     save_checkpoint,
 )
@@ -430,11 +430,10 @@ class Trainer:
         o = self.opts
         resumed: Checkpoint | None = None
         if o.resume:
-            path = find_checkpoint(self.run_dir)
-            if path is None:
+            resumed = load_latest(self.run_dir)
+            if resumed is None:
                 raise InputError(self.run_dir, "no complete checkpoint to resume from")
-            resumed = load_checkpoint(path)
-            self.log(f"resuming from {path} (step {resumed.step})")
+            self.log(f"resuming from {resumed.path} (step {resumed.step})")
         if resumed is None:
             cfg, params, opt_state, what = resolve_model(o)
         else:
@@ -674,9 +673,9 @@ class Trainer:
         doc = {
             "model": self.cfg.to_dict(),
             "train": asdict(self.opts),
-            "tokenizer": os.path.abspath(self.opts.tokenizer) if self.opts.tokenizer else None,
-            "data": os.path.abspath(self.opts.data) if self.opts.data else None,
-            "val_data": os.path.abspath(self.opts.val_data) if self.opts.val_data else None,
+            "tokenizer": str(Path(self.opts.tokenizer).resolve()) if self.opts.tokenizer else None,
+            "data": str(Path(self.opts.data).resolve()) if self.opts.data else None,
+            "val_data": str(Path(self.opts.val_data).resolve()) if self.opts.val_data else None,
             "world_size": self.world.world_size,
             "anetrain_version": __version__,
         }
@@ -1168,7 +1167,7 @@ def _prepare_run(
         opts = load_resume_options(run_dir, given, world.world_size)
     else:
         run_dir = Path(opts.out) if opts.out else default_run_dir(opts.model)
-        if (run_dir / "checkpoints").exists() and find_checkpoint(run_dir) is not None:
+        if holds_checkpoint(run_dir):
             raise ConfigError(
                 f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose --out"
             )

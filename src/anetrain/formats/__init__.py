@@ -91,11 +91,12 @@ def read_anetrain_checkpoint(path: str | os.PathLike[str], run_dir: bool = False
 
     p = Path(path)
     if run_dir:
-        found = checkpoint.find_checkpoint(p)
-        if found is None:
+        latest = checkpoint.load_latest(p)
+        if latest is None:
             raise InputError(p, "is a run directory without a complete checkpoint")
-        p = found
-    c = checkpoint.load_checkpoint(p)
+        c = latest
+    else:
+        c = checkpoint.load_checkpoint(p)
     extras: dict[str, Any] = {"checkpoint": str(c.path)}
     extras.update(
         (k, v)

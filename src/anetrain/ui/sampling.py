@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import find_checkpoint, load_checkpoint
+from ..checkpoint import load_latest
 from ..errors import AnetrainError, InputError
 from .rundir import RunDir
 
@@ -47,10 +47,9 @@ def generate_from_checkpoint(
         from ..tokenizer import load_tokenizer
     except ImportError as e:
         raise AnetrainError(f"text generation is not available in this install ({e})") from None
-    path = find_checkpoint(run.path)
-    if path is None:
+    ckpt = load_latest(run.path, with_optimizer=False)
+    if ckpt is None:
         raise InputError(run.checkpoints, "no complete checkpoint to generate from yet")
-    ckpt = load_checkpoint(path, with_optimizer=False)
     tokenizer = load_tokenizer(tokenizer_path(run), vocab_size=ckpt.cfg.vocab_size)
     result = generate(
         ckpt.params,
@@ -61,4 +60,4 @@ def generate_from_checkpoint(
         top_k=top_k,
         seed=int(time.time()) if seed is None else seed,
     )
-    return Sample(text=result.text, step=ckpt.step, checkpoint=path)
+    return Sample(text=result.text, step=ckpt.step, checkpoint=ckpt.path)
