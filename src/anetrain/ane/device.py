@@ -34,7 +34,7 @@ from ..errors import AnetrainError
 from .dialect import Dialect, dialect_for
 from .iosurface import HostSurface, fill_inputs
 from .sim import SimProgram
-from .surfaces import TensorSpec, allocation_bytes, binding_order, read_outputs
+from .surfaces import SurfaceSizes, TensorSpec, binding_order, read_outputs
 
 
 class AneRuntimeError(AnetrainError):
@@ -46,7 +46,7 @@ class AneRuntimeError(AnetrainError):
 
 
 @dataclass
-class ProgramSpec:
+class ProgramSpec(SurfaceSizes):
     """A program as a device sees it: MIL text, weight blobs, and the tensors in binding order."""
 
     name: str
@@ -71,14 +71,6 @@ class ProgramSpec:
     @property
     def dialect(self) -> Dialect:
         return dialect_for(self.chip)
-
-    @property
-    def input_alloc_bytes(self) -> int:
-        return allocation_bytes(self.inputs, self.dialect.surface_align)
-
-    @property
-    def output_alloc_bytes(self) -> int:
-        return allocation_bytes(self.outputs, self.dialect.surface_align)
 
 
 class LoadedProgram(Protocol):

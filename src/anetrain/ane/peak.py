@@ -45,7 +45,7 @@ from .mil import (
     _type,
     render_text,
 )
-from .surfaces import TensorSpec, allocation_bytes
+from .surfaces import SurfaceSizes, TensorSpec
 
 PEAK_CONFIGS: tuple[tuple[int, int, int], ...] = (
     (512, 64, 32),
@@ -191,7 +191,7 @@ class ProbeBuilder(MilBuilder):
 
 
 @dataclass
-class ProbeProgram:
+class ProbeProgram(SurfaceSizes):
     """A probe program with the attributes a device needs (like :class:`~.program.AneProgram`)."""
 
     config: ProbeConfig
@@ -210,14 +210,6 @@ class ProbeProgram:
     @property
     def chip(self) -> str:
         return self.dialect.chip
-
-    @property
-    def input_alloc_bytes(self) -> int:
-        return allocation_bytes(self.inputs, self.dialect.surface_align)
-
-    @property
-    def output_alloc_bytes(self) -> int:
-        return allocation_bytes(self.outputs, self.dialect.surface_align)
 
 
 def _dequant_line(w: DequantWeight, d: Dialect) -> str:

@@ -31,7 +31,7 @@ from .blob import build_blob
 from .dialect import Dialect
 from .mil import Graph, MilBuilder, Var, render_text
 from .shapes import Axis, Dims
-from .surfaces import Placement, TensorSpec, allocation_bytes, binding_order
+from .surfaces import Placement, SurfaceSizes, TensorSpec, binding_order
 
 CONVENTIONS = ("separate", "packed")
 # Per-axis caps of ANE tensors (ane-landscape.md 2.2): width 16384 before A16 (so M1/M2), 65536 from A16 on;
@@ -78,7 +78,7 @@ class WeightRef:
 
 
 @dataclass
-class AneProgram:
+class AneProgram(SurfaceSizes):
     """Everything a runtime needs to compile and drive one kernel.
 
     ``inputs``/``outputs`` are the MIL function's tensors in binding (alphabetical) order; ``weights`` maps
@@ -103,14 +103,6 @@ class AneProgram:
     @property
     def chip(self) -> str:
         return self.dialect.chip
-
-    @property
-    def input_alloc_bytes(self) -> int:
-        return allocation_bytes(self.inputs, self.dialect.surface_align)
-
-    @property
-    def output_alloc_bytes(self) -> int:
-        return allocation_bytes(self.outputs, self.dialect.surface_align)
 
     def manifest(self) -> dict[str, Any]:
         """A JSON-ready description (what emit writes into manifest.json)."""

@@ -29,6 +29,7 @@ import numpy as np
 from .shapes import Axis, round_up
 
 if TYPE_CHECKING:
+    from .dialect import Dialect
     from .program import AneProgram
 
 
@@ -167,6 +168,23 @@ def binding_order(specs: list[TensorSpec]) -> list[TensorSpec]:
 def allocation_bytes(specs: list[TensorSpec], align: int) -> int:
     """The one allocation size every surface of this side of a request gets."""
     return round_up(max(t.nbytes for t in specs), align)
+
+
+class SurfaceSizes:
+    """The allocation size of each side of a request, for anything with ``inputs``, ``outputs`` and
+    ``dialect`` (kernel programs, peak probes, the specs a device compiles)."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dialect: Dialect
+
+    @property
+    def input_alloc_bytes(self) -> int:
+        return allocation_bytes(self.inputs, self.dialect.surface_align)
+
+    @property
+    def output_alloc_bytes(self) -> int:
+        return allocation_bytes(self.outputs, self.dialect.surface_align)
 
 
 def input_surfaces(program: AneProgram, arrays: dict[str, np.ndarray]) -> list[Surface]:
