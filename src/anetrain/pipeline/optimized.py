@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import kernels as K
 from ..backends import fused as F
 from ..backends.gemm import MatMul, blas_threads, torch_matmul
 from ..backends.gemm import choose as choose_gemm
@@ -107,9 +108,13 @@ class OptimizedPipeline:
         self.compaction = compaction
         self.loss_chunk = loss_chunk or 64
         self.backend = self.device.type
-        # the compute copy of the weights (the master itself in fp32)
+        # the compute copy of the weights (the master itself in fp32), and the compacted classifier's rows
         self.w = params if self.cdt == torch.float32 else params.like(self.cdt)
         self.w_cls: torch.Tensor = self.w.classifier
+        if compaction is not None:
+            self._ids = compaction.ids.to(self.device)
+            self._full_to_compact = compaction.full_to_compact.to(self.device)
+            self.w_cls = torch.empty(self._ids.numel(), self.cfg.dim, dtype=self.cdt, device=self.device)
         self.after_update()
         self.ws: Workspace | None = None
         #: called with each gradient bucket (``grads.buckets()``, last layer first) once its gradients for
@@ -129,7 +134,6 @@ class OptimizedPipeline:
         else:
             self.dw = ThreadDW(threads=max(1, cpu_threads // 2))
         # during the backward the main thread leaves the other half of the cores to the dW worker
-        self.main_threads = cpu_threads
         self.backward_threads = (
             max(1, cpu_threads - cpu_threads // 2) if isinstance(self.dw, ThreadDW) else cpu_threads
         )
@@ -140,15 +144,7 @@ class OptimizedPipeline:
         if self.w is not self.params:
             self.w.flat.copy_(self.params.flat)
         if self.compaction is not None:
-            ids = self.compaction.ids.to(self.device)
-            if not hasattr(self, "_cls_buf"):
-                self._cls_buf = torch.empty(ids.numel(), self.cfg.dim, dtype=self.cdt, device=self.device)
-                self._ids = ids
-                self._full_to_compact = self.compaction.full_to_compact.to(self.device)
-            torch.index_select(self.w.classifier, 0, ids, out=self._cls_buf)
-            self.w_cls = self._cls_buf
-        else:
-            self.w_cls = self.w.classifier
+            torch.index_select(self.w.classifier, 0, self._ids, out=self.w_cls)
 
     def zero_grad(self) -> None:
         self.grads.flat.zero_()
@@ -443,18 +439,13 @@ class OptimizedPipeline:
                     ws.dg_tmp,
                 )
             # embedding backward on the executor too: with a tied classifier it adds into the same table
-            submit(_embedding_grad, g.embedding, ws.tokens, dy.view(n, -1))
+            submit(K.embedding_backward, g.embedding, ws.tokens, dy)
             if self.grad_ready_hook is not None:
                 for rest in buckets:
                     submit(self.grad_ready_hook, rest)
         finally:
             if threads_changed:
                 torch.set_num_threads(threads_before)
-
-
-def _embedding_grad(g_emb: torch.Tensor, tokens: torch.Tensor, dy: torch.Tensor) -> None:
-    """g_emb[tokens[n]] += dy[n] (one indexed operation)."""
-    g_emb.index_add_(0, tokens, dy)
 
 
 def _scaled_copy(dst: torch.Tensor, src: torch.Tensor, alpha: float, tmp: torch.Tensor) -> None:
