@@ -262,3 +262,26 @@ def test_eval_every_zero_disables_evaluation(tmp_path):
     run = tmp_path / "r"
     assert run_cli(train_argv(write_model(tmp_path), valid_head_tokens(), run, steps=2, eval_every=0)).rc == 0
     assert records(run, "eval") == []
+
+
+@pytest.mark.parametrize("pipeline", ["baseline", "optimized"])
+def test_compact_vocab_trains_and_the_report_says_the_loss_is_compacted(tmp_path, pipeline):
+    """--compact-vocab: the softmax covers only tokens present in the data; the run record counts them and
+    the report marks the loss as compacted. (The optimized pipeline's warm-up once fed token 0, which the
+    compacted classifier does not know.)"""
+    argv = train_argv(
+        write_model(tmp_path),
+        valid_head_tokens(),
+        tmp_path / "r",
+        steps=3,
+        compact_vocab=True,
+        pipeline=pipeline,
+    )
+    res = run_cli(argv)
+    assert res.rc == 0, res.err
+    (run,) = records(tmp_path / "r", "run")
+    assert 0 < run["compact_vocab"] < 512
+    (report,) = records(tmp_path / "r", "report")
+    assert report["loss_compacted"] is True
+    losses = step_values(tmp_path / "r", "loss")
+    assert len(losses) == 3 and all(0 < v < math.log(run["compact_vocab"]) + 1 for v in losses.values())

@@ -905,9 +905,7 @@ class Trainer:
             warm = getattr(self.pipe, "warmup", None)
             if warm is not None and self.step < end:
                 t0 = time.perf_counter()
-                # a token the (possibly compacted) classifier knows: 0 may be absent from the data
-                token = int(self.compaction.ids[0]) if self.compaction is not None else 0
-                warm(torch.full((o.batch, o.seq + 1), token, dtype=torch.long))
+                warm(o.batch, o.seq)
                 secs = time.perf_counter() - t0
                 self.counters["compile_s"] += secs
                 self.metrics.write("compile", seconds=secs, what=self.labels["pipeline"])

@@ -152,9 +152,11 @@ class OptimizedPipeline:
     def close(self) -> None:
         self.dw.close()
 
-    def warmup(self, window: torch.Tensor) -> None:
-        """Allocate the workspace for this window shape and run one step (then forget its gradients)."""
-        self.forward_backward(window, 1.0)
+    def warmup(self, batch: int, seq: int) -> None:
+        """Allocate the workspace for [batch, seq] micro-batches and run one step on a dummy window (of a
+        token the possibly compacted classifier knows), then forget its gradients and timings."""
+        token = int(self.compaction.ids[0]) if self.compaction is not None else 0
+        self.forward_backward(torch.full((batch, seq + 1), token, dtype=torch.long), 1.0)
         self.zero_grad()
         self.times.reset()
 
