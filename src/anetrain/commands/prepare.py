@@ -9,7 +9,7 @@ ORDER = 5
 
 DESCRIPTION = """\
 Turn text into a flat uint16 token file exactly like llama2.c's pretokenizer: BOS (1) before each
-document, no EOS. Inputs: .txt (documents separated by blank lines, or by <|endoftext|> lines with
+document, no EOS. Inputs: .txt (documents separated by empty lines, or by <|endoftext|> markers with
 --separator endoftext), .jsonl (a "text" field per line), TinyStories JSON shards (.json lists with a
 "story" field). A sidecar OUT.json records the tokenizer, its fingerprint, the vocabulary size and counts.
 With a sentencepiece .model the ids equal llama2.c's tinystories.py pretokenize output; with a llama2.c
