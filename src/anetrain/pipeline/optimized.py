@@ -31,6 +31,7 @@ import torch
 
 from .. import kernels as K
 from ..backends import fused as F
+from ..backends.fusion import choose as choose_fusion
 from ..backends.gemm import MatMul, blas_threads, torch_matmul
 from ..backends.gemm import choose as choose_gemm
 from ..data.compaction import VocabCompaction
@@ -38,6 +39,9 @@ from ..kernels.rope import Rope
 from ..params import ModelParams
 from ..timing import PhaseTimes
 from .dw import DeviceDW, SerialDW, StreamDW, ThreadDW
+
+#: acc (fp32) += src (16-bit), with a flat fp32 scratch buffer (see ``HandFusion.accumulate``)
+Accumulate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -94,6 +98,7 @@ class OptimizedPipeline:
         loss_chunk: int | None = None,
         dw: str = "auto",
         blas: str = "auto",
+        fusion: str = "auto",
     ) -> None:
         self.cfg = params.cfg
         self.params = params  # fp32 master
@@ -104,6 +109,8 @@ class OptimizedPipeline:
         # fp32 products on the CPU go through numpy's OpenBLAS (backends/gemm.py), 16-bit ones through torch
         self.blas, self.mm = choose_gemm(self.cdt, self.device, blas)
         self.grads = params.like()
+        # elementwise work: torch.compile'd kernels where they can be built, else hand-fused operators
+        self.fx, self.fusion_note = choose_fusion(fusion, self.device)
         self.times = PhaseTimes()
         self.compaction = compaction
         self.loss_chunk = loss_chunk or 64
@@ -211,25 +218,18 @@ class OptimizedPipeline:
             "proj": e(b, s, 1, dtype=f32),
             "dg_tmp": e(d, dtype=f32),
             "qkv": e(b, s, dqkv),
-            "qkv32": e(b, s, dqkv, dtype=f32),
             "rot32": e(b, s, h, dh, dtype=f32),
             "d32": e(b, s, h, dh, dtype=f32),
             "targets_full": torch.empty(n, dtype=torch.long, device=dev),
             "scores": e(b * hkv, r * s, s),
-            "scores32": e(b * hkv, r * s, s, dtype=f32),
             "out": e(b, h, s, dh),
             "o": e(b, s, d),
             "f": e(b, s, d),
             "xL": e(b, s, d),
             "rstdf": e(b, s, 1, dtype=f32),
             "xf": e(b, s, d),
-            "probs": e(chunk, vc, dtype=f32),
-            "picked": e(chunk, 1, dtype=f32),
-            "picked_sum": e((), dtype=f32),
-            "flat_idx": e(chunk, dtype=torch.long),
-            "row_base": torch.arange(chunk, device=dev) * vc,
-            "minus_one": torch.full((chunk,), -1.0, device=dev),
             "loss": e((), dtype=f32),
+            "grad_scale": e((), dtype=f32),
             "dlogits": e(n, vc),
             "dxf": e(b, s, d),
             "dy": e(b, s, d, dtype=f32),
@@ -251,14 +251,32 @@ class OptimizedPipeline:
             "fk": fk,
             "fq_conj": fq.conj().resolve_conj(),
             "fk_conj": fk.conj().resolve_conj(),
+            # the same rotations as real cos/sin tables [S, 1, dh/2] (q's scaled), for the compiled kernels
+            "cos_q": fq.real.contiguous(),
+            "sin_q": fq.imag.contiguous(),
+            "cos_k": fk.real.contiguous(),
+            "sin_k": fk.imag.contiguous(),
             # dW products in the compute dtype, one per shape (only the dW executor touches these)
             "mm_qkv": e(dqkv, d),
             "mm_wo": e(d, c.q_dim),
             "mm_w13": e(2 * f, d),
             "mm_w2": e(d, f),
-            "mm_cls": e(vc, d),
-            "acc_scratch": e(min(1 << 20, max(vc, 2 * f) * d), dtype=f32),
+            # the classifier's product is formed a block of rows at a time (_weight_grad), to keep it small
+            "mm_cls": e(_block_rows(vc, d), d),
         }
+        hand = self.fx.name == "hand"  # scratch only the hand-fused operators use
+        scratch["acc_scratch"] = e(min(1 << 20, max(vc, 2 * f) * d) if hand else 1, dtype=f32)
+        if hand:
+            scratch |= {
+                "qkv32": e(b, s, dqkv, dtype=f32),
+                "scores32": e(b * hkv, r * s, s, dtype=f32),
+                "probs": e(chunk, vc, dtype=f32),
+                "picked": e(chunk, 1, dtype=f32),
+                "picked_sum": e((), dtype=f32),
+                "flat_idx": e(chunk, dtype=torch.long),
+                "row_base": torch.arange(chunk, device=dev) * vc,
+                "minus_one": torch.full((chunk,), -1.0, device=dev),
+            }
         if self.compaction is not None:
             scratch["cls_grad"] = e(vc, d, dtype=f32)
         self.ws = Workspace(b, s, layers, scratch)
@@ -306,28 +324,33 @@ class OptimizedPipeline:
             torch.index_select(self._full_to_compact, 0, ws.targets_full, out=ws.targets)
         x = ws.x
         torch.index_select(p32.embedding, 0, ws.tokens, out=x.view(n, -1))  # fp32 rows of the master table
+        fx = self.fx
+        # each block's output joins the residual inside the next norm step (delta: None before the first)
+        delta: torch.Tensor | None = None
         for lw, lp, lb in zip(w.layers, p32.layers, ws.layers, strict=True):
-            # attention block
-            lb.x.copy_(x)
-            F.rmsnorm_forward_into(lb.xn, lb.rstd1, x, lp.attention_norm, eps, ws.tmp)
+            # attention block: x += alpha f; tap x; xn = RMSNorm(x); qkv; RoPE; attention
+            fx.norm_tap(x, delta, alpha, lb.x, lp.attention_norm, eps, lb.xn, lb.rstd1, ws)
             mm(lb.xn.view(n, -1), lw.qkv.t(), ws.qkv.view(n, -1))
-            F.rope_split_into(lb.q, lb.k, lb.v, ws.qkv, (ws.fq, ws.fk), ws.qkv32, ws.rot32)
-            F.attention_forward_into(ws.out, lb.p, lb.q, lb.k, lb.v, ws.mask, ws.scores, ws.scores32, mm)
+            fx.rope_split(lb.q, lb.k, lb.v, ws.qkv, ws)
+            self._attention_forward(ws, lb)
             lb.attn.view(b, s, cfg.n_heads, -1).copy_(ws.out.transpose(1, 2))
-            # output projection + residual
             mm(lb.attn.view(n, -1), lw.wo.t(), ws.o.view(n, -1))
-            ws.tmp.copy_(ws.o)
-            x.add_(ws.tmp, alpha=alpha)
-            # FFN block + residual
-            lb.x2.copy_(x)
-            F.rmsnorm_forward_into(lb.xn2, lb.rstd2, x, lp.ffn_norm, eps, ws.tmp)
+            # FFN block: x += alpha o; tap x2; xn2 = RMSNorm(x2); h13; SwiGLU; f
+            fx.norm_tap(x, ws.o, alpha, lb.x2, lp.ffn_norm, eps, lb.xn2, lb.rstd2, ws)
             mm(lb.xn2.view(n, -1), lw.w13.t(), lb.h13.view(n, -1))
-            F.swiglu_forward_into(lb.g, lb.h13)
+            fx.swiglu(lb.g, lb.h13)
             mm(lb.g.view(n, -1), lw.w2.t(), ws.f.view(n, -1))
-            ws.tmp.copy_(ws.f)
-            x.add_(ws.tmp, alpha=alpha)
-        ws.xL.copy_(x)
-        F.rmsnorm_forward_into(ws.xf, ws.rstdf, x, p32.final_norm, eps, ws.tmp)
+            delta = ws.f
+        fx.norm_tap(x, delta, alpha, ws.xL, p32.final_norm, eps, ws.xf, ws.rstdf, ws)
+
+    def _attention_forward(self, ws: Workspace, lb: LayerBuffers) -> None:
+        """out = softmax(q k^T + M) v for all heads (q pre-scaled), keeping P; see
+        ``fused.attention_forward_into`` for the grouped-GEMM layout."""
+        b, _, s, dh = lb.q.shape
+        g = b * lb.k.shape[1]
+        self.mm(lb.q.view(g, -1, dh), lb.k.view(g, s, dh).transpose(1, 2), ws.scores)
+        self.fx.masked_softmax(lb.p, ws.scores, ws)
+        self.mm(lb.p, lb.v.view(g, s, dh), ws.out.view(g, -1, dh))
 
     def _classifier(self, ws: Workspace, grad_scale: float, backward: bool) -> torch.Tensor:
         """Classifier + cross-entropy; with ``backward``, also dlogits and dxf. Returns the mean loss.
@@ -343,28 +366,25 @@ class OptimizedPipeline:
         logits = ws.dlogits  # [N, V] in the compute dtype; becomes dlogits chunk by chunk
         self.mm(xf, wc.t(), logits)
         ws.loss.zero_()
-        chunk = ws.probs.shape[0]
+        chunk = min(self.loss_chunk, n)
         for lo in range(0, n, chunk):
-            c = min(chunk, n - lo)
-            F.cross_entropy_chunk_into(
-                logits[lo : lo + c],
-                ws.loss,
-                logits[lo : lo + c],
-                ws.targets[lo : lo + c],
-                grad_scale / n,
-                ws.probs[:c],
-                ws.picked[:c],
-                ws.picked_sum,
-                ws.flat_idx[:c],
-                ws.row_base[:c],
-                ws.minus_one[:c],
+            hi = min(n, lo + chunk)
+            self.fx.cross_entropy_chunk(
+                logits[lo:hi], ws.loss, logits[lo:hi], ws.targets[lo:hi], grad_scale / n, ws
             )
         if backward:
             self.mm(logits, wc, ws.dxf.view(n, -1))
         if backward:
             if self.compaction is None:
                 self.dw.submit(
-                    _weight_grad, self.grads.classifier, ws.dlogits, xf, ws.mm_cls, ws.acc_scratch, self.mm
+                    _weight_grad,
+                    self.grads.classifier,
+                    ws.dlogits,
+                    xf,
+                    ws.mm_cls,
+                    ws.acc_scratch,
+                    self.mm,
+                    self.fx.accumulate,
                 )
             else:
                 self.dw.submit(
@@ -377,6 +397,7 @@ class OptimizedPipeline:
                     self._ids,
                     ws.cls_grad,
                     self.mm,
+                    self.fx.accumulate,
                 )
         return float(ws.loss) / n  # type: ignore[return-value]
 
@@ -386,7 +407,6 @@ class OptimizedPipeline:
         b, s = ws.batch, ws.seq
         n = b * s
         dy, dx2 = ws.dy, ws.dx2  # fp32 gradients of the residual stream
-        scratch = (ws.tmp, ws.tmp2, ws.tmp3)
         submit = self.dw.submit
         buckets = iter(self._buckets)
         threads_before = torch.get_num_threads()
@@ -394,51 +414,36 @@ class OptimizedPipeline:
         if threads_changed:
             torch.set_num_threads(self.backward_threads)
         try:
-            dy.zero_()
-            F.rmsnorm_backward_into(
-                dy, g.final_norm, ws.dxf, ws.xL, ws.rstdf, p32.final_norm, scratch, ws.proj, ws.dg_tmp
+            fx, layers = self.fx, ws.layers
+            # final norm: dy = RMSNorm'(dxf); df of the last layer = alpha dy (16-bit, read by its GEMMs)
+            fx.norm_backward(
+                dy, g.final_norm, None, ws.dxf, ws.xL, ws.rstdf, p32.final_norm, alpha, layers[-1].df, ws
             )
-            layers = zip(
-                reversed(w.layers), reversed(p32.layers), reversed(g.layers), reversed(ws.layers), strict=True
-            )
-            for lw, lp, lg, lb in layers:
-                # FFN half: df = alpha dy; dg = df W2; SwiGLU'; dxn2 = dh13 W13
-                _scaled_copy(lb.df, dy, alpha, ws.tmp)
-                submit(_weight_grad, lg.w2, lb.df, lb.g, ws.mm_w2, ws.acc_scratch, mm)
+            for i in reversed(range(cfg.n_layers)):
+                lw, lp, lg, lb = w.layers[i], p32.layers[i], g.layers[i], layers[i]
+                # FFN half: dg = df W2; SwiGLU'; dxn2 = dh13 W13; dx2 = dy + RMSNorm'(dxn2); do = alpha dx2
+                submit(_weight_grad, lg.w2, lb.df, lb.g, ws.mm_w2, ws.acc_scratch, mm, fx.accumulate)
                 mm(lb.df.view(n, -1), lw.w2, ws.dg.view(n, -1))
-                F.swiglu_backward_into(lb.dh13, ws.dg, lb.h13, ws.gtmp)
-                submit(_weight_grad, lg.w13, lb.dh13, lb.xn2, ws.mm_w13, ws.acc_scratch, mm)
+                fx.swiglu_backward(lb.dh13, ws.dg, lb.h13, ws)
+                submit(_weight_grad, lg.w13, lb.dh13, lb.xn2, ws.mm_w13, ws.acc_scratch, mm, fx.accumulate)
                 mm(lb.dh13.view(n, -1), lw.w13, ws.dxn.view(n, -1))
-                dx2.copy_(dy)  # the residual passes dy straight through
-                F.rmsnorm_backward_into(
-                    dx2, lg.ffn_norm, ws.dxn, lb.x2, lb.rstd2, lp.ffn_norm, scratch, ws.proj, ws.dg_tmp
-                )
-                # attention half: do = alpha dx2; dattn = do Wo; attention'; RoPE^-1; dxn = dqkv Wqkv
-                _scaled_copy(lb.do, dx2, alpha, ws.tmp)
-                submit(_weight_grad, lg.wo, lb.do, lb.attn, ws.mm_wo, ws.acc_scratch, mm)
+                fx.norm_backward(dx2, lg.ffn_norm, dy, ws.dxn, lb.x2, lb.rstd2, lp.ffn_norm, alpha, lb.do, ws)
+                # attention half: dattn = do Wo; attention'; RoPE^-1; dxn = dqkv Wqkv;
+                # dy = dx2 + RMSNorm'(dxn)
+                submit(_weight_grad, lg.wo, lb.do, lb.attn, ws.mm_wo, ws.acc_scratch, mm, fx.accumulate)
                 mm(lb.do.view(n, -1), lw.wo, ws.dattn.view(n, -1))
                 ws.dout.copy_(ws.dattn.view(b, s, cfg.n_heads, -1).transpose(1, 2))
                 F.attention_backward_into(
                     ws.dq, ws.dk, ws.dv, ws.dout, lb.p, lb.q, lb.k, lb.v, ws.dp, ws.ds, mm
                 )
-                F.rope_merge_backward_into(
-                    lb.dqkv, ws.dq, ws.dk, ws.dv, (ws.fq_conj, ws.fk_conj), ws.d32, ws.rot32
-                )
-                submit(_weight_grad, lg.qkv, lb.dqkv, lb.xn, ws.mm_qkv, ws.acc_scratch, mm)
+                fx.rope_merge_backward(lb.dqkv, ws.dq, ws.dk, ws.dv, ws)
+                submit(_weight_grad, lg.qkv, lb.dqkv, lb.xn, ws.mm_qkv, ws.acc_scratch, mm, fx.accumulate)
                 if self.grad_ready_hook is not None:  # this layer's gradients are complete once the jobs ran
                     submit(self.grad_ready_hook, next(buckets))
                 mm(lb.dqkv.view(n, -1), lw.qkv, ws.dxn.view(n, -1))
-                dy.copy_(dx2)
-                F.rmsnorm_backward_into(
-                    dy,
-                    lg.attention_norm,
-                    ws.dxn,
-                    lb.x,
-                    lb.rstd1,
-                    lp.attention_norm,
-                    scratch,
-                    ws.proj,
-                    ws.dg_tmp,
+                below = layers[i - 1].df if i > 0 else None  # the layer below's df = alpha dy
+                fx.norm_backward(
+                    dy, lg.attention_norm, dx2, ws.dxn, lb.x, lb.rstd1, lp.attention_norm, alpha, below, ws
                 )
             # embedding backward on the executor too: with a tied classifier it adds into the same table
             submit(K.embedding_backward, g.embedding, ws.tokens, dy)
@@ -450,13 +455,10 @@ class OptimizedPipeline:
                 torch.set_num_threads(threads_before)
 
 
-def _scaled_copy(dst: torch.Tensor, src: torch.Tensor, alpha: float, tmp: torch.Tensor) -> None:
-    """dst (16-bit) = alpha * src (fp32), rounded once, without mixed-dtype temporaries."""
-    if alpha == 1.0:
-        dst.copy_(src)
-    else:
-        torch.mul(src, alpha, out=tmp)
-        dst.copy_(tmp)
+def _block_rows(rows: int, cols: int, limit: int = 1 << 23) -> int:
+    """Rows per block when a [rows, cols] product is formed in equal blocks of at most ``limit`` elements."""
+    blocks = -(-rows * cols // limit)
+    return -(-rows // blocks)
 
 
 # ---- dW jobs (run by the executor; every tensor they touch is an argument, so DeviceDW can stage it) -----
@@ -467,10 +469,18 @@ def _weight_grad(
     prod: torch.Tensor,
     scratch: torch.Tensor,
     mm: MatMul = torch_matmul,
+    accumulate: Accumulate = F.accumulate_into,
 ) -> None:
-    """gw (fp32) += dy^T x: the product formed in the compute dtype (into ``prod``), accumulated in fp32."""
-    mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]), prod)
-    F.accumulate_into(gw, prod, scratch)
+    """gw (fp32) += dy^T x: the product formed in the compute dtype (into ``prod``), accumulated in fp32.
+
+    When ``prod`` has fewer rows than gw (the classifier's), the product is formed and accumulated that many
+    rows at a time."""
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    rows = prod.shape[0]
+    for lo in range(0, gw.shape[0], rows):
+        hi = min(gw.shape[0], lo + rows)
+        mm(dy2[:, lo:hi].t(), x2, prod[: hi - lo])
+        accumulate(gw[lo:hi], prod[: hi - lo], scratch)
 
 
 def _compact_classifier_grad(
@@ -482,8 +492,9 @@ def _compact_classifier_grad(
     ids: torch.Tensor,
     acc: torch.Tensor,
     mm: MatMul = torch_matmul,
+    accumulate: Accumulate = F.accumulate_into,
 ) -> None:
     """g_cls[ids] += dlogits^T xf: the compact classifier's gradient scattered into the full table."""
     acc.zero_()
-    _weight_grad(acc, dlogits, xf, prod, scratch, mm)
+    _weight_grad(acc, dlogits, xf, prod, scratch, mm, accumulate)
     g_cls.index_add_(0, ids, acc)
