@@ -59,6 +59,7 @@ class BenchConfig:
     clip: float = 1.0
     device: str = "auto"
     compile: bool = True
+    fusion: str = "auto"  # the optimized row's elementwise fusion
 
 
 @dataclass
@@ -76,7 +77,8 @@ class RowResult:
 
 
 class _RssSampler:
-    """The process's peak resident memory while a row runs (sampled every 20 ms)."""
+    """The process's peak resident memory while a row runs, sampled every 100 ms (the workspace, the largest
+    part, is steady through a step; a sampler that wakes often steals time from a 2-core machine)."""
 
     def __init__(self) -> None:
         self.proc = psutil.Process()
@@ -87,7 +89,7 @@ class _RssSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self.proc.memory_info().rss)
-            self._stop.wait(0.02)
+            self._stop.wait(0.1)
 
     def __enter__(self) -> _RssSampler:
         self.peak = self.proc.memory_info().rss
@@ -184,7 +186,7 @@ def run_reference(bc: BenchConfig, windows: list[torch.Tensor]) -> RowResult:
 
 def run_pipeline(name: str, bc: BenchConfig, windows: list[torch.Tensor]) -> RowResult:
     precision = "fp32" if name == "baseline" else bc.dtype
-    choice = PipelineChoice(pipeline=name, backend=bc.device, dtype=precision)
+    choice = PipelineChoice(pipeline=name, backend=bc.device, dtype=precision, fusion=bc.fusion)
     pipe = make_pipeline(init_params(bc.cfg, "llama2c", bc.seed), choice)
     opt = AdamW(
         pipe.params, OptimizerConfig.for_kind("adamw", lr=bc.lr, warmup=0, total_steps=10**9, clip=bc.clip)

@@ -164,6 +164,13 @@ class TrainOptions:
         choices=("auto", "fp32", "bf16", "fp16"),
     )
     dw_device: str | None = opt(None, "device for the weight-gradient GEMMs (e.g. cpu while dx runs on cuda)")
+    fusion: str = opt(
+        "auto",
+        "how the optimized pipeline fuses its elementwise work: compile (torch.compile'd kernels; "
+        "needs a C++ compiler on CPU, Triton on CUDA; compiled in the first step), hand (torch "
+        "operators into preallocated buffers), auto (hand on CPU, compile on CUDA)",
+        choices=("auto", "compile", "hand"),
+    )
     ane_chip: str = opt(
         "auto",
         "Apple chip family whose MIL dialect the ANE programs use: auto (detected on a Mac; m4 for ane-sim), "
@@ -279,6 +286,7 @@ RESUME_OVERRIDABLE = {
     "backend",
     "dtype",
     "dw_device",
+    "fusion",
     "ane_chip",
     "ane_inputs",
     "ddp",
@@ -541,6 +549,9 @@ class Trainer:
         self.flops_per_step = training_flops_per_sequence(cfg, o.seq, vocab_eff) * o.batch * o.accum * ranks
         labels = describe(self.pipe)
         self.labels = labels
+        note = getattr(self.pipe, "fusion_note", "")
+        if note:
+            self.log(note)
         self.peak = 0.0
         # the run directory: rank 0 only; the other ranks keep their records to themselves
         self.metrics: Any = NullMetrics()
@@ -582,6 +593,7 @@ class Trainer:
             backend=o.backend,
             dtype=o.dtype,
             dw_device=o.dw_device,
+            fusion=o.fusion,
             ane_chip=o.ane_chip,
             ane_inputs=o.ane_inputs,
             ane_runtime=o.ane_runtime,

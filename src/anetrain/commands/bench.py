@@ -61,6 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="how ANE programs take their weights",
     )
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the reference model")
+    p.add_argument(
+        "--fusion",
+        default="auto",
+        choices=("auto", "compile", "hand"),
+        help="the optimized row's elementwise fusion: compile (torch.compile'd kernels), hand, auto (hand on "
+        "CPU, compile on CUDA)",
+    )
     p.add_argument("--seed", type=int, default=1337, help="seed for the weights and the token windows")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=run)
@@ -90,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.backend,
         compile=not args.no_compile,
+        fusion=args.fusion,
     )
 
     def log(line: str) -> None:

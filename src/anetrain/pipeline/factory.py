@@ -23,6 +23,7 @@ class PipelineChoice:
     backend: str = "auto"
     dtype: str = "auto"
     dw_device: str | None = None
+    fusion: str = "auto"  # optimized pipeline's elementwise work: auto, compile (torch.compile), hand
     loss_chunk: int | None = None
     ane_chip: str = "auto"
     ane_inputs: str = "separate"
@@ -99,6 +100,7 @@ def make_pipeline(
             dw_device=choice.dw_device,
             compaction=compaction,
             loss_chunk=choice.loss_chunk,
+            fusion=choice.fusion,
         )
     raise AnetrainError(f"unknown pipeline {choice.pipeline!r} (known: {', '.join(PIPELINES)})")
 
@@ -109,4 +111,8 @@ def describe(pipe: Pipeline) -> dict[str, str]:
     precision = getattr(pipe, "precision", None) or {torch.float32: "fp32", torch.float64: "fp64"}.get(
         pipe.params.flat.dtype, str(pipe.params.flat.dtype)
     )
-    return {"pipeline": pipe.name, "backend": getattr(pipe, "backend", dev), "precision": precision}
+    labels = {"pipeline": pipe.name, "backend": getattr(pipe, "backend", dev), "precision": precision}
+    fx = getattr(pipe, "fx", None)
+    if fx is not None:
+        labels["fusion"] = fx.name
+    return labels
