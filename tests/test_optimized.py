@@ -311,3 +311,21 @@ def test_fp32_products_through_numpy_blas_equal_torch_blas():
     assert torch.get_num_threads() == threads  # the single-thread setting is undone afterwards
     assert abs(la - lb) < 1e-5 * la
     assert rel(b.grads.flat, a.grads.flat) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_in_row_blocks_equals_one_product(dtype):
+    """The classifier's dW product is formed a block of rows at a time (a small 16-bit buffer); the fp32
+    gradient is the same as from one product, including a last block shorter than the others."""
+    from anetrain.pipeline.optimized import _block_rows, _weight_grad
+
+    assert _block_rows(32000, 768) == 10667  # 24.6M elements: 3 blocks of at most 2^23 elements
+    assert _block_rows(100, 10, limit=300) == 25
+    g = torch.Generator().manual_seed(0)
+    dy = torch.randn(2, 9, 70, generator=g).to(dtype)
+    x = torch.randn(2, 9, 12, generator=g).to(dtype)
+    acc = torch.randn(70, 12, generator=g)
+    want = acc + (dy.reshape(18, 70).float().t() @ x.reshape(18, 12).float())
+    prod = torch.empty(30, 12, dtype=dtype)  # 70 rows in blocks of 30, 30, 10
+    _weight_grad(acc, dy, x, prod, torch.empty(64))
+    torch.testing.assert_close(acc, want, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
