@@ -60,6 +60,7 @@ class BenchConfig:
     device: str = "auto"
     compile: bool = True
     fusion: str = "auto"  # the optimized row's elementwise fusion
+    repeat: int = 1  # rounds over the rows (round-robin), their timed steps pooled
 
 
 @dataclass
@@ -240,6 +241,26 @@ def _row(
     )
 
 
+def _pool(runs: list[RowResult]) -> RowResult:
+    """One row from several rounds of it: the median over all their timed steps, the mean optimizer time,
+    the highest peak memory; losses, warm-up and phases from the first round (the losses are the same)."""
+    first = runs[0]
+    micro = [ms for r in runs for ms in r.micro_ms]
+    opt = statistics.fmean(r.optimizer_ms for r in runs)
+    return RowResult(
+        name=first.name,
+        precision=first.precision,
+        ms_per_step=statistics.median(micro) + opt,
+        micro_ms=micro,
+        optimizer_ms=opt,
+        io_ms=statistics.median(r.io_ms for r in runs),
+        losses=first.losses,
+        peak_rss_mb=max(r.peak_rss_mb for r in runs),
+        compile_s=first.compile_s,
+        extra=first.extra,
+    )
+
+
 def machine_info(device: torch.device, dtype: str) -> dict[str, Any]:
     info = {
         "cpu": _cpu_name(),
@@ -268,14 +289,17 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = print) -> dict[str, 
     machine = machine_info(device, bc.dtype)
     windows = make_windows(bc)
     flops_seq = training_flops_per_sequence(bc.cfg, bc.seq)
-    results: list[RowResult] = []
-    for name in bc.rows:
-        log(f"running {name} ({bc.warmup} warm-up + {bc.steps} timed micro-steps)...")
-        gc.collect()
-        # each row makes the same initial weights afresh (same seed), so no extra copy is held while it runs
-        res = run_reference(bc, windows) if name == "reference" else run_pipeline(name, bc, windows)
-        results.append(res)
-        gc.collect()
+    runs: dict[str, list[RowResult]] = {name: [] for name in bc.rows}
+    for round_ in range(bc.repeat):
+        for name in bc.rows:
+            tag = f" (round {round_ + 1}/{bc.repeat})" if bc.repeat > 1 else ""
+            log(f"running {name} ({bc.warmup} warm-up + {bc.steps} timed micro-steps){tag}...")
+            gc.collect()
+            # each row makes the same initial weights afresh (same seed): no extra copy is held while it runs
+            res = run_reference(bc, windows) if name == "reference" else run_pipeline(name, bc, windows)
+            runs[name].append(res)
+            gc.collect()
+    results = [_pool(rs) for rs in runs.values()]
     ref_ms = next((r.ms_per_step for r in results if r.name == "reference"), None)
     rows = []
     for r in results:
@@ -307,6 +331,8 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = print) -> dict[str, 
             "accum": bc.accum,
             "steps": bc.steps,
             "warmup": bc.warmup,
+            "repeat": bc.repeat,
+            "fusion": bc.fusion,
             "dtype": bc.dtype,
             "seed": bc.seed,
             "lr": bc.lr,

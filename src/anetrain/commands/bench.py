@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accum", type=int, default=10, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=20, help="timed micro-steps per row")
     p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds over the rows, round-robin, their timed steps pooled (steadier ratios on a noisy machine)",
+    )
+    p.add_argument(
         "--warmup",
         type=int,
         default=None,
@@ -78,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import resolve_config
     from ..errors import ConfigError
 
-    for name in ("batch", "seq", "accum", "steps"):
+    for name in ("batch", "seq", "accum", "steps", "repeat"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be positive")
     cfg = resolve_config(args.model)
@@ -91,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         seq=args.seq,
         accum=args.accum,
         steps=args.steps,
+        repeat=args.repeat,
         warmup=warmup,
         dtype=args.dtype,
         rows=tuple(r.strip() for r in args.rows.split(",") if r.strip()),
