@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--repeat",
         type=int,
         default=1,
-        help="rounds over the rows, round-robin, their timed steps pooled (steadier ratios on a noisy machine)",
+        help="rounds over the rows, round-robin, their timed steps pooled (steadier ratios on a noisy "
+        "machine)",
     )
     p.add_argument(
         "--warmup",
