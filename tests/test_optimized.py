@@ -299,18 +299,34 @@ def test_fp16_with_loss_scaling_matches_and_overflow_is_visible():
     opt.close()
 
 
-def test_fp32_products_through_numpy_blas_equal_torch_blas():
-    """fp32 GEMMs go through numpy's OpenBLAS on the CPU (faster here than torch's); the math is the same."""
+def test_fp32_products_through_onednn_and_numpy_equal_torch_blas(monkeypatch):
+    """fp32 GEMMs on the CPU go through oneDNN (auto; numpy's OpenBLAS where torch lacks oneDNN), both faster
+    here than torch's MKL path; the math is the same. oneDNN results bigger than ONEDNN_MAX_RESULT are formed
+    in column blocks (forced here with a tiny limit)."""
+    from anetrain.backends import gemm
+
+    monkeypatch.setattr(gemm, "ONEDNN_MAX_RESULT", 4 * 3 * 24 * 7)  # blocks of 7 columns at 72 rows
     p = init_params(CFG, seed=10)
     (w,) = windows(CFG, 1)
-    a = OptimizedPipeline(p.clone(), dtype="fp32", blas="torch")
-    b = OptimizedPipeline(p.clone(), dtype="fp32")
-    assert (a.blas, b.blas) == ("torch", "numpy")
+    ref = OptimizedPipeline(p.clone(), dtype="fp32", blas="torch")
+    others = [
+        OptimizedPipeline(p.clone(), dtype="fp32"),
+        OptimizedPipeline(p.clone(), dtype="fp32", blas="numpy"),
+    ]
+    assert [x.blas for x in (ref, *others)] == [
+        "torch",
+        "onednn" if gemm.onednn_available() else "numpy",
+        "numpy",
+    ]
     threads = torch.get_num_threads()
-    la, lb = a.forward_backward(w), b.forward_backward(w)
-    assert torch.get_num_threads() == threads  # the single-thread setting is undone afterwards
-    assert abs(la - lb) < 1e-5 * la
-    assert rel(b.grads.flat, a.grads.flat) < 1e-5
+    lref = ref.forward_backward(w)
+    for x in others:
+        lx = x.forward_backward(w)
+        assert torch.get_num_threads() == threads  # numpy's single-thread setting is undone afterwards
+        assert abs(lx - lref) < 1e-5 * lref
+        assert rel(x.grads.flat, ref.grads.flat) < 1e-5
+    with pytest.raises(ValueError, match="onednn BLAS path is for float32"):
+        gemm.choose(torch.bfloat16, torch.device("cpu"), "onednn")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
