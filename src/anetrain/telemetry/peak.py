@@ -30,7 +30,7 @@ def machine_key(device: torch.device, dtype: torch.dtype) -> str:
         name = torch.cuda.get_device_name(device)
     else:
         name = _cpu_name()
-    blas = os.environ.get("OPENBLAS_CORETYPE", "") if dtype == torch.float32 else ""
+    blas = "onednn+" + os.environ.get("OPENBLAS_CORETYPE", "") if dtype == torch.float32 else ""
     return f"{name}|{device.type}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|{blas}"
 
 
@@ -60,7 +60,7 @@ def _best_rate(matmul: Callable[[], object], n: int, seconds: float, sync: Calla
 
 def probe_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
     """The best square-GEMM rate in ``dtype``, through every BLAS anetrain uses for it (for float32 on the
-    CPU that includes numpy's OpenBLAS, which the optimized pipeline uses when it is faster)."""
+    CPU that includes oneDNN and numpy's OpenBLAS, which the optimized pipeline uses: backends/gemm.py)."""
     n = 2048 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -71,8 +71,13 @@ def probe_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float =
 
     best = _best_rate(lambda: a @ b, n, seconds, sync)
     if device.type == "cpu" and dtype == torch.float32:
+        from ..backends.gemm import onednn_available, onednn_matmul
+
         an, bn = a.numpy(), b.numpy()
         best = max(best, _best_rate(lambda: an @ bn, n, seconds, sync))
+        if onednn_available():
+            out = torch.empty(n, n)
+            best = max(best, _best_rate(lambda: onednn_matmul(a, b, out), n, seconds, sync))
     return best
 
 
