@@ -106,7 +106,7 @@ class OptimizedPipeline:
         self.precision = dtype
         self.cdt = DTYPES[dtype]
         self.needs_loss_scaling = dtype == "fp16"
-        # fp32 products on the CPU go through numpy's OpenBLAS (backends/gemm.py), 16-bit ones through torch
+        # fp32 products on the CPU go through oneDNN (else numpy; backends/gemm.py), 16-bit ones through torch
         self.blas, self.mm = choose_gemm(self.cdt, self.device, blas)
         self.grads = params.like()
         self._overwrite = self._first = False  # see zero_grad()
