@@ -8,17 +8,22 @@ What differs from the baseline, and why:
   gradients accumulate in fp32.
 * **16-bit taps.** Every activation kept for the backward is stored in the compute dtype.
 * **Buffers allocated once.** All activations, taps, gradients and scratch live in a workspace made for the
-  first (batch, seq) shape; every operation writes into it (``out=``), so a steady-state step does not call
-  the allocator (tests check this with torch's dispatch hooks).
+  first (batch, seq) shape; every operation writes into it (``out=``), so a steady-state 16-bit step does not
+  call the allocator (tests check this with torch's profiler). The fp32 path's products come from oneDNN,
+  which returns new tensors (``backends/gemm.py``).
+* **No zeroing pass.** ``zero_grad`` marks the gradients stale; the next micro-step's dW products overwrite
+  them instead of adding (see :meth:`OptimizedPipeline.zero_grad`).
 * **Fused layout.** wq/wk/wv and w1/w3 are adjacent in the parameter buffer, so the q/k/v projection and the
   gate/up projection are one GEMM each, forward, dx and dW (see ``anetrain.params``).
 * **Concurrent dW.** Weight-gradient GEMMs go to an executor as soon as their operands exist: a worker thread
   on CPU (the intra-op thread budget split between it and the main thread during the backward), a second
   stream on CUDA, or another device (``dw_device``). Each layer's dW operands have their own buffers, so the
   worker never races the dx path.
-* **Hand-fused elementwise work** (``anetrain.backends.fused``): RMSNorm, RoPE with the head transpose and the
-  query scale folded in, grouped-GEMM attention for GQA, SwiGLU, and a chunked classifier + cross-entropy that
-  never holds fp32 logits for more than ``loss_chunk`` rows.
+* **Fused elementwise work**, hand-fused (``anetrain.backends.fused``) or one ``torch.compile``'d kernel per
+  stretch between two GEMMs (``anetrain.backends.compiled``), behind one interface (``backends/fusion.py``):
+  RMSNorm with the residual add and the taps, RoPE with the head transpose and the query scale folded in,
+  grouped-GEMM attention for GQA, SwiGLU, and a chunked cross-entropy that never holds fp32 logits for more
+  than ``loss_chunk`` rows.
 * **Fused optimizer.** AdamW is torch's fused multi-tensor kernel over two flat tensors (``anetrain.optim``).
 """
 
