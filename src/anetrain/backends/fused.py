@@ -145,35 +145,6 @@ def rope_merge_backward_into(
 
 
 # ---- causal attention over grouped heads -------------------------------------------------------------
-def attention_forward_into(
-    out: torch.Tensor,
-    p: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor,
-    scores: torch.Tensor,
-    scores32: torch.Tensor,
-    matmul: MatMul = torch_matmul,
-) -> None:
-    """out = softmax(q k^T + M) v with q pre-scaled; keeps P (16-bit) for the backward.
-
-    q, out: [B, H, S, dh]; k, v: [B, Hkv, S, dh]; p, scores: [B*Hkv, R*S, S]; scores32: the same in fp32;
-    mask: [S, S] fp32, 0 where t' <= t and -inf above the diagonal. The softmax runs in fp32 (it is also
-    faster there than in bf16 on CPU) and P is rounded once.
-    """
-    b, _, s, dh = q.shape
-    hkv = k.shape[1]
-    qg = q.view(b * hkv, -1, dh)  # [B*Hkv, R*S, dh]
-    kg = k.view(b * hkv, s, dh)
-    matmul(qg, kg.transpose(1, 2), scores)
-    scores32.copy_(scores)
-    scores32.view(b * hkv, -1, s, s).add_(mask)
-    aten._softmax.out(scores32, -1, False, out=scores32)
-    p.copy_(scores32)
-    matmul(p, v.view(b * hkv, s, dh), out.view(b * hkv, -1, dh))
-
-
 def attention_backward_into(
     dq: torch.Tensor,
     dk: torch.Tensor,

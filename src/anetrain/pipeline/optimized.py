@@ -115,7 +115,7 @@ class OptimizedPipeline:
         self.blas, self.mm = choose_gemm(self.cdt, self.device, blas)
         self.grads = params.like()
         self._overwrite = self._first = False  # see zero_grad()
-        # elementwise work: torch.compile'd kernels where they can be built, else hand-fused operators
+        # elementwise work: hand-fused operators or torch.compile'd kernels (backends/fusion.py)
         self.fx, self.fusion_note = choose_fusion(fusion, self.device)
         self.times = PhaseTimes()
         self.compaction = compaction
@@ -365,8 +365,13 @@ class OptimizedPipeline:
         fx.norm_tap(x, delta, alpha, ws.xL, p32.final_norm, eps, ws.xf, ws.rstdf, ws)
 
     def _attention_forward(self, ws: Workspace, lb: LayerBuffers) -> None:
-        """out = softmax(q k^T + M) v for all heads (q pre-scaled), keeping P; see
-        ``fused.attention_forward_into`` for the grouped-GEMM layout."""
+        """out = softmax(q k^T + M) v for all heads, keeping P (16-bit) for the backward.
+
+        q is pre-scaled by 1/sqrt(dh) (RoPE folds it in), so the scores are a plain q k^T. q: [B, H, S, dh]
+        is stored as [B, Hkv, R, S, dh] (query head h = kv head h // R), so the R query heads that share a kv
+        head stack along the GEMM's M dimension: scores = q[B*Hkv, R*S, dh] @ k[B*Hkv, dh, S] and out = P v,
+        with no K/V copies (``fused`` module doc). The softmax (fp32, additive causal mask) is the fusion's.
+        """
         b, _, s, dh = lb.q.shape
         g = b * lb.k.shape[1]
         self.mm(lb.q.view(g, -1, dh), lb.k.view(g, s, dh).transpose(1, 2), ws.scores)
