@@ -212,11 +212,9 @@ def test_compiled_fusion_gradients_match_the_baseline_and_hand_fusion(dtype, tol
 def test_compiled_fusion_trains_like_the_reference_and_allocates_nothing():
     """fp32: the issue's 1e-5 on the loss after 10 optimizer steps; and a steady-state step allocates no
     buffer (the compiled kernels write into the workspace)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from anetrain.params import init_params
     from anetrain.pipeline.optimized import OptimizedPipeline
-    from test_optimized import _train, _train_reference
+    from test_optimized import _allocations, _train, _train_reference
 
     cfg, ws = _pipeline_fixtures()
     p = init_params(cfg, seed=2)
@@ -226,14 +224,7 @@ def test_compiled_fusion_trains_like_the_reference_and_allocates_nothing():
     assert abs(losses[-1] - ref[-1]) / ref[-1] < 1e-5
     bf = OptimizedPipeline(p.clone(), dtype="bf16", fusion="compile", dw="serial")
     bf.forward_backward(ws[0])
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        bf.forward_backward(ws[1])
-        bf.loss(ws[2])
-    sizes = [
-        e.self_cpu_memory_usage if e.name != "[memory]" else e.cpu_memory_usage
-        for e in prof.events()
-        if (e.self_cpu_memory_usage if e.name != "[memory]" else e.cpu_memory_usage) > 0
-    ]
+    sizes = _allocations(lambda: (bf.forward_backward(ws[1]), bf.loss(ws[2])))
     assert max(sizes, default=0) <= 8, sorted(sizes)[-5:]
 
 
