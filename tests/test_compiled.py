@@ -169,21 +169,10 @@ def test_accumulate():
 
 # ---- the optimized pipeline with compiled fusion -------------------------------------------------------
 def _pipeline_fixtures():
-    from anetrain.config import make_config
+    """test_optimized's GQA config (8 query heads on 4 kv heads, alpha != 1, untied) and 22 windows."""
+    from test_optimized import CFG, windows
 
-    cfg = make_config(
-        dim=64,
-        hidden_dim=172,
-        n_layers=2,
-        n_heads=8,
-        n_kv_heads=4,
-        vocab_size=96,
-        seq_len=32,
-        residual_scale="deepnet",
-        tied_classifier=False,
-    )
-    g = torch.Generator().manual_seed(0)
-    return cfg, [torch.randint(0, cfg.vocab_size, (3, 25), generator=g) for _ in range(22)]
+    return CFG, windows(CFG, 22)
 
 
 @pytest.mark.parametrize("dtype,tol", [("fp32", 1e-5), ("bf16", 2e-2)])
