@@ -1,20 +1,4 @@
-"""The training program: data -> pipeline -> optimizer -> checkpoints, metrics and the Efficiency Report.
-
-``run_training(opts)`` is what ``anetrain train`` calls. One step is one optimizer update over ``accum``
-micro-batches of ``batch x seq`` tokens. The loop, per step::
-
-    zero the gradients
-    accum times: draw a window batch (io) -> pipeline.forward_backward(window, scale/accum)
-    [fp16: unscale, skip the update on overflow]  global-norm clip  optimizer step  pipeline.after_update()
-    log a "step" record; evaluate, checkpoint, sample when due; stop cleanly on Ctrl-C / SIGTERM / --stop-at
-
-Data-parallel (under torchrun, see :mod:`anetrain.distributed` and docs/distributed.md): every rank runs this
-loop on its own windows, scaling its gradients by 1/(accum x world size); the last micro-step's backward
-all-reduces them bucket by bucket, and the trainer waits for that before the norm, so every rank sees the same
-averaged gradients and applies the same update. Rank 0 alone reads the run's options and the checkpoint it
-resumes from (and hands them to the others), and alone writes config.json, metrics.jsonl, train.log,
-checkpoints and report.json; the ranks agree on stopping, evaluation results and checkpoints.
-"""
+"""The training loop (:class:`Trainer`) and its logs."""
 
 from __future__ import annotations
 
@@ -25,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,359 +17,39 @@ import numpy as np
 import psutil
 import torch
 
-from . import __version__
-from .checkpoint import (
+from .. import __version__
+from ..checkpoint import (
     Checkpoint,
     checkpoint_name,
     config_difference,
-    holds_checkpoint,
     load_latest,
     prune_checkpoints,
     save_checkpoint,
 )
-from .config import PRESETS, ModelConfig, deepnet_alpha, load_config_file, make_config
-from .data.compaction import VocabCompaction
-from .data.sampler import SAMPLERS, eval_windows, make_sampler
-from .data.tokens import TokenFile, check_tokens, open_tokens
-from .distributed import BACKENDS, DistributedError, GradSync, World, check_in_sync, init_world, wants_cuda
-from .errors import AnetrainError, ConfigError, InputError
-from .fsutil import atomic_write_text
-from .optim import AdamState, AdamW, DynamicLossScaler, OptimizerConfig, clip_divisor, global_grad_norm, lr_at
-from .params import INIT_SCHEMES, ModelParams, init_params
-from .pipeline.base import Pipeline
-from .pipeline.factory import PipelineChoice, describe, make_pipeline
-from .telemetry.flops import training_flops_per_sequence
-from .telemetry.metrics import MetricsWriter
-from .telemetry.peak import peak_tflops
-from .telemetry.report import build_report, format_report
-from .timing import PHASES
-
-# ------------------------------------------------------------------------------------------------
-# Options
-
-
-def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A training option: its default and its help text (the CLI is generated from these)."""
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass
-class TrainOptions:
-    model: str = opt(
-        "stories260K",
-        "PRESET name, model CONFIG (.toml/.json), or WEIGHTS file to continue from "
-        f"(llama2.c .bin, BLZT checkpoint, HF directory); presets: {', '.join(PRESETS)}",
-    )
-    data: str | None = opt(
-        None,
-        "training token file (flat uint16, from `anetrain prepare`); omitted: the "
-        "embedded story corpus is generated, tokenized and used",
-    )
-    val_data: str | None = opt(None, "validation token file (default: a held-out tail of --data)")
-    val_fraction: float = opt(
-        0.1,
-        "fraction of --data held out at its end for validation when --val-data is not "
-        "given (training never samples it); 0 disables evaluation",
-    )
-    tokenizer: str | None = opt(
-        None, "tokenizer (.bin or .model) for generated samples and for checking the token file's sidecar"
-    )
-    out: str | None = opt(None, "run directory (default: runs/<model>-<date>-<time>)")
-    batch: int = opt(8, "sequences per micro-batch")
-    seq: int = opt(256, "tokens per sequence")
-    accum: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
-    steps: int = opt(1000, "optimizer steps in the whole run (the LR schedule spans them)")
-    stop_at: int | None = opt(
-        None, "end this process at STEP with a checkpoint, as if interrupted; resume later"
-    )
-    optimizer: str = opt(
-        "adamw",
-        "adamw (beta2 0.95, decay, warmup+cosine, clipping) or adam (the original's static "
-        "pipeline: beta2 0.999, no decay, constant LR)",
-        choices=("adamw", "adam"),
-    )
-    lr: float = opt(5e-4, "peak learning rate")
-    min_lr: float | None = opt(None, "learning rate at the end of the cosine decay (default lr/10)")
-    warmup: int = opt(100, "linear warmup steps")
-    wd: float = opt(0.1, "AdamW weight decay (matrices and embedding only)")
-    clip: float | None = opt(
-        None, "global gradient-norm clipping threshold; 0 disables (default 1.0 for adamw, 0 for adam)"
-    )
-    beta1: float = opt(0.9, "Adam beta1")
-    beta2: float | None = opt(None, "Adam beta2 (default 0.95 for adamw, 0.999 for adam)")
-    eps: float = opt(1e-8, "Adam epsilon")
-    seed: int = opt(1337, "seed for initialization and data sampling")
-    init: str = opt("llama2c", "initialization when training from scratch", choices=INIT_SCHEMES)
-    residual_scale: str | None = opt(
-        None,
-        "residual branch scale alpha for a new model: a number or 'deepnet' "
-        "(1/sqrt(2L), the original dynamic pipeline's); default: the config's",
-    )
-    sampler: str = opt(
-        "random",
-        "window order: random (seeded, resumable; each rank its own stream), shared (one seeded stream dealt "
-        "to the ranks batch by batch: N ranks train on the windows of 1 process with N x --accum) or drand48 "
-        "(the original trainer's exact order, dealt as shared)",
-        choices=SAMPLERS,
-    )
-    compact_vocab: bool = opt(
-        False,
-        "softmax over the tokens present in the data only (as the original); the "
-        "reported loss is then a compacted cross-entropy",
-    )
-    eval_every: int = opt(100, "evaluate every N steps (and before the first step); 0 disables")
-    eval_batches: int = opt(20, "validation batches per evaluation")
-    log_every: int = opt(10, "console line every N steps")
-    ckpt_every: int = opt(
-        500,
-        "checkpoint every N steps (also at the end, on a new best validation loss, and on Ctrl-C/SIGTERM)",
-    )
-    keep_checkpoints: int = opt(2, "periodic checkpoints to keep")
-    sample_every: int = opt(
-        0, "write a generated sample to metrics every N steps (needs --tokenizer); 0: only at the end"
-    )
-    sample_tokens: int = opt(120, "tokens per generated sample")
-    pipeline: str = opt(
-        "optimized",
-        "baseline (core kernels, serial fp32) or optimized (16-bit compute, "
-        "preallocated buffers, concurrent dW, fused ops)",
-        choices=("baseline", "optimized"),
-    )
-    backend: str = opt(
-        "auto",
-        "where kernels run: auto, cpu, cuda, ane-sim (the Neural Engine programs run by the "
-        "simulator), ane (macOS)",
-        choices=("auto", "cpu", "cuda", "ane-sim", "ane"),
-    )
-    dtype: str = opt(
-        "auto",
-        "compute precision of the optimized pipeline: auto (bf16 where the hardware has it, "
-        "else fp16 with loss scaling), fp32, bf16, fp16",
-        choices=("auto", "fp32", "bf16", "fp16"),
-    )
-    dw_device: str | None = opt(None, "device for the weight-gradient GEMMs (e.g. cpu while dx runs on cuda)")
-    fusion: str = opt(
-        "auto",
-        "how the optimized pipeline fuses its elementwise work: compile (torch.compile'd kernels; "
-        "needs a C++ compiler on CPU, Triton on CUDA; compiled in the first step), hand (torch "
-        "operators into preallocated buffers), auto (hand on CPU, compile on CUDA)",
-        choices=("auto", "compile", "hand"),
-    )
-    ane_chip: str = opt(
-        "auto",
-        "Apple chip family whose MIL dialect the ANE programs use: auto (detected on a Mac; m4 for ane-sim), "
-        "m1, m2, m3, m4, m5",
-        choices=("auto", "m1", "m2", "m3", "m4", "m5"),
-    )
-    ane_runtime: str | None = opt(
-        None,
-        "how --backend ane reaches the Neural Engine: private (the in-memory compiler, the original's way; "
-        "default), coreml (Core ML with CPU_AND_NE, the sanctioned route) or sim (the simulator, tests)",
-        choices=("private", "coreml", "sim"),
-    )
-    ane_inputs: str = opt(
-        "separate",
-        "how ANE programs take their weights: separate inputs (faster per the "
-        "original's issue #22) or one packed input (the original's)",
-        choices=("separate", "packed"),
-    )
-    threads: int | None = opt(None, "torch intra-op threads (default: torch's choice)")
-    peak_tflops: float | None = opt(
-        None, "peak TFLOPS for the utilization figure (default: measured once by a GEMM probe and cached)"
-    )
-    deterministic: bool = opt(False, "use deterministic algorithms (bitwise-reproducible resumes on CPU)")
-    resume: str | None = opt(None, "RUN_DIR to resume from its newest complete checkpoint")
-    dashboard: bool = opt(False, "show the live dashboard in this terminal while training")
-    wandb: bool = opt(
-        False, "log to Weights & Biases (pip install anetrain[wandb]; offline: WANDB_MODE=offline)"
-    )
-    wandb_project: str = opt("anetrain", "W&B project")
-    wandb_name: str | None = opt(None, "W&B run name (default: the run directory's name)")
-    wandb_mode: str | None = opt(
-        None,
-        "W&B mode: online, offline (no network needed) or disabled (default: W&B's "
-        "own, e.g. from WANDB_MODE)",
-        choices=("online", "offline", "disabled"),
-    )
-    tensorboard: bool = opt(
-        False, "write TensorBoard event files to RUN_DIR/tensorboard (pip install anetrain[tensorboard])"
-    )
-    ddp: bool = opt(
-        False,
-        "train data-parallel on this machine: anetrain starts itself under torchrun (--standalone) with "
-        "--nproc-per-node processes; implied when already launched by torchrun",
-    )
-    nproc_per_node: int | None = opt(
-        None, "processes for --ddp (default: the number of CUDA devices; required without one)"
-    )
-    dist_timeout: float = opt(
-        300.0,
-        "seconds a rank waits for the others (joining, each all-reduce) before the job fails with an error",
-    )
-    dist_backend: str = opt(
-        "auto", "torch.distributed backend: auto (nccl for CUDA, gloo for CPU), gloo, nccl", choices=BACKENDS
-    )
-    dist_check_every: int = opt(
-        0, "debug: check every N steps that all ranks hold bit-identical weights; 0 disables"
-    )
-
-    def optimizer_config(self) -> OptimizerConfig:
-        return OptimizerConfig.for_kind(
-            self.optimizer,
-            lr=self.lr,
-            min_lr=self.min_lr,
-            warmup=self.warmup,
-            total_steps=self.steps,
-            beta1=self.beta1,
-            beta2=self.beta2,
-            eps=self.eps,
-            weight_decay=self.wd if self.optimizer == "adamw" else 0.0,
-            clip=self.clip,
-        )
-
-    def validate(self) -> None:
-        for name in ("batch", "seq", "accum", "steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0 or not math.isfinite(self.lr):
-            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
-        if self.stop_at is not None and self.stop_at <= 0:
-            raise ConfigError(f"--stop-at must be positive, got {self.stop_at}")
-        if not self.dist_timeout > 0:
-            raise ConfigError(f"--dist-timeout must be positive, got {self.dist_timeout}")
-        if self.nproc_per_node is not None and self.nproc_per_node <= 0:
-            raise ConfigError(f"--nproc-per-node must be positive, got {self.nproc_per_node}")
-        if self.dist_check_every < 0:
-            raise ConfigError(f"--dist-check-every must be 0 or positive, got {self.dist_check_every}")
-
-
-# Options whose change on --resume cannot alter the math of the steps already taken.
-RESUME_OVERRIDABLE = {
-    "steps",
-    "stop_at",
-    "eval_every",
-    "eval_batches",
-    "log_every",
-    "ckpt_every",
-    "keep_checkpoints",
-    "sample_every",
-    "sample_tokens",
-    "peak_tflops",
-    "dashboard",
-    "wandb",
-    "wandb_project",
-    "wandb_name",
-    "wandb_mode",
-    "tensorboard",
-    "threads",
-    "resume",
-    "out",
-    "pipeline",
-    "backend",
-    "dtype",
-    "dw_device",
-    "fusion",
-    "ane_chip",
-    "ane_inputs",
-    "ddp",
-    "nproc_per_node",
-    "dist_timeout",
-    "dist_backend",
-    "dist_check_every",
-}
-
-
-# ------------------------------------------------------------------------------------------------
-# Model and data resolution
-
-
-def config_of_spec(spec: str, alpha: str | None = None) -> ModelConfig:
-    """The config a --model spec describes (a weights file is read for its header)."""
-    if spec in PRESETS or (spec.lower().endswith((".toml", ".json")) and not Path(spec).is_dir()):
-        cfg = PRESETS[spec] if spec in PRESETS else load_config_file(spec)
-        if alpha is not None:
-            cfg = cfg.with_(
-                residual_scale=deepnet_alpha(cfg.n_layers) if alpha == "deepnet" else float(alpha)
-            )
-        return cfg
-    from .formats import load_model
-
-    return load_model(spec).cfg
-
-
-def resolve_model(opts: TrainOptions) -> tuple[ModelConfig, ModelParams, AdamState | None, str]:
-    """(config, fresh or pretrained fp32 params, optimizer state if the file has one, description)."""
-    spec = opts.model
-    alpha = opts.residual_scale
-    if spec in PRESETS or (spec.lower().endswith((".toml", ".json")) and not Path(spec).is_dir()):
-        cfg = PRESETS[spec] if spec in PRESETS else load_config_file(spec)
-        if alpha is not None:
-            cfg = cfg.with_(
-                residual_scale=deepnet_alpha(cfg.n_layers) if alpha == "deepnet" else float(alpha)
-            )
-        return (
-            cfg,
-            init_params(cfg, opts.init, opts.seed),
-            None,
-            f"{cfg.name} from scratch ({opts.init} init)",
-        )
-    if not Path(spec).exists():
-        raise ConfigError(
-            f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}), a .toml/.json config nor "
-            "an existing weights file"
-        )
-    if alpha is not None:
-        raise ConfigError("--residual-scale applies to new models only; a weights file carries its own")
-    from .formats import load_model
-
-    loaded = load_model(spec)
-    return loaded.cfg, loaded.params, loaded.optimizer, f"{spec} ({loaded.format})"
-
-
-@dataclass
-class DataSplit:
-    train: TokenFile
-    n_train: int
-    val: TokenFile | None
-    val_range: tuple[int, int] | None
-
-
-def resolve_data(opts: TrainOptions, cfg: ModelConfig, tokenizer_fp: str | None) -> DataSplit:
-    assert opts.data is not None
-    window = opts.seq + 1
-    train = open_tokens(opts.data)
-    if opts.val_data:
-        val = open_tokens(opts.val_data)
-        check_tokens(train, vocab_size=cfg.vocab_size, window=window, tokenizer_fingerprint=tokenizer_fp)
-        check_tokens(
-            val,
-            vocab_size=cfg.vocab_size,
-            window=window,
-            tokenizer_fingerprint=tokenizer_fp,
-            what="validation",
-        )
-        return DataSplit(train, train.n, val, (0, val.n))
-    n_val = int(train.n * opts.val_fraction)
-    n_train = train.n - n_val
-    check_tokens(
-        train,
-        vocab_size=cfg.vocab_size,
-        window=window,
-        tokenizer_fingerprint=tokenizer_fp,
-        region=(0, n_train),
-    )
-    if n_val == 0:
-        return DataSplit(train, n_train, None, None)
-    if n_val < window:
-        raise InputError(
-            train.path,
-            f"the held-out validation tail ({n_val} tokens, --val-fraction "
-            f"{opts.val_fraction}) is shorter than one window of {window} tokens",
-        )
-    return DataSplit(train, n_train, train, (n_train, train.n))
-
+from ..config import make_config
+from ..data.compaction import VocabCompaction
+from ..data.sampler import eval_windows, make_sampler
+from ..distributed import GradSync, World, check_in_sync
+from ..errors import AnetrainError, ConfigError, InputError
+from ..fsutil import atomic_write_text
+from ..optim import (
+    AdamState,
+    AdamW,
+    DynamicLossScaler,
+    clip_divisor,
+    global_grad_norm,
+    lr_at,
+)
+from ..params import ModelParams
+from ..pipeline.base import Pipeline
+from ..pipeline.factory import PipelineChoice, describe, make_pipeline
+from ..telemetry.flops import training_flops_per_sequence
+from ..telemetry.metrics import MetricsWriter
+from ..telemetry.peak import peak_tflops
+from ..telemetry.report import build_report, format_report
+from ..timing import PHASES
+from .options import TrainOptions
+from .resolve import config_of_spec, resolve_data, resolve_model
 
 # ------------------------------------------------------------------------------------------------
 # The trainer
@@ -564,7 +228,7 @@ class Trainer:
         self.tokenizer = None
         tok_fp = None
         if o.tokenizer and self.world.is_main:
-            from .tokenizer import load_tokenizer
+            from ..tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(o.tokenizer, vocab_size=cfg.vocab_size)
             tok_fp = self.tokenizer.fingerprint()
@@ -669,7 +333,7 @@ class Trainer:
         if not (o.wandb or o.tensorboard):
             return
         try:
-            from .ui.trackers import make_trackers
+            from ..ui.trackers import make_trackers
         except ImportError as e:
             raise AnetrainError(f"experiment tracking is unavailable: {e}") from None
         self.metrics.listeners += make_trackers(
@@ -769,7 +433,7 @@ class Trainer:
         if self.tokenizer is None or not self.world.is_main:
             return
         try:
-            from .generate import generate
+            from ..generate import generate
         except ImportError:
             return
         params = (
@@ -969,7 +633,7 @@ class Trainer:
     def _progress(self, end: int) -> Any:
         """A callback for each step record: a progress bar on a terminal, plain lines otherwise (and in
         train.log every --log-every steps). Rank 0 only."""
-        from .ui.progress import ConsoleProgress
+        from ..ui.progress import ConsoleProgress
 
         o, log = self.opts, self.log
         if not self.world.is_main:
@@ -1089,156 +753,3 @@ class RankLog:
 
     def close(self) -> None:
         pass
-
-
-# ------------------------------------------------------------------------------------------------
-# Entry point
-
-
-def default_run_dir(model: str) -> Path:
-    stem = Path(model).stem if not model in PRESETS else model  # noqa: E713
-    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def load_resume_options(run_dir: Path, given: dict[str, Any], world_size: int = 1) -> TrainOptions:
-    """The run's saved options, with the allowed overrides from the command line; refuses the others.
-
-    ``--accum`` may change together with the number of ranks when ranks x accum (the global batch) stays the
-    run's, e.g. a 2-rank run resumed by one process with twice the accumulation.
-    """
-    try:
-        doc = json.loads((run_dir / "config.json").read_text("utf-8"))
-        saved = doc["train"]
-        saved_world = int(doc.get("world_size") or 1)
-    except FileNotFoundError:
-        raise InputError(run_dir, "not a run directory (no config.json)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(run_dir / "config.json", f"unreadable ({e})") from None
-    known = {f.name for f in fields(TrainOptions)}
-    opts = TrainOptions(**{k: v for k, v in saved.items() if k in known})
-    opts.stop_at = None  # a --stop-at is for one process only; a plain resume runs to --steps
-    # paths as recorded (absolute), so a resume from another directory finds the files
-    for key in ("data", "val_data", "tokenizer"):
-        if doc.get(key):
-            setattr(opts, key, doc[key])
-    same_global_batch = (
-        "accum" in given
-        and world_size != saved_world
-        and given["accum"] * world_size == opts.accum * saved_world
-    )
-    for k, v in given.items():
-        if k in RESUME_OVERRIDABLE or k == "model" or (k == "accum" and same_global_batch):
-            continue
-        if getattr(opts, k) != v:
-            hint = ""
-            if k == "accum" and world_size != saved_world:
-                hint = (
-                    f" (the run has {saved_world} rank(s) x accum {opts.accum}; with {world_size} rank(s) an "
-                    f"--accum of {opts.accum * saved_world / world_size:g} keeps its global batch)"
-                )
-            raise ConfigError(
-                f"--{k.replace('_', '-')} {v!r} differs from the run's {getattr(opts, k)!r}; a resumed "
-                f"run keeps its options (start a new run to change it){hint}"
-            )
-    for k, v in given.items():
-        if k in RESUME_OVERRIDABLE or (k == "accum" and same_global_batch):
-            setattr(opts, k, v)
-    opts.resume = str(run_dir)
-    opts.out = str(run_dir)
-    return opts
-
-
-def _saved_backend(run_dir: str) -> str | None:
-    """The --backend a run directory's config.json names, if this process can read it (a peek before the
-    process group exists: it decides NCCL or gloo)."""
-    try:
-        return str(json.loads((Path(run_dir) / "config.json").read_text("utf-8"))["train"]["backend"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def start_world(opts: TrainOptions, given: dict[str, Any]) -> World:
-    """The process group for this process (a single-process World unless launched by torchrun)."""
-    backend = opts.backend
-    if opts.resume and "backend" not in given:
-        backend = _saved_backend(opts.resume) or backend
-    if not opts.dist_timeout > 0:
-        raise ConfigError(f"--dist-timeout must be positive, got {opts.dist_timeout}")
-    return init_world(opts.dist_timeout, opts.dist_backend, wants_cuda(backend))
-
-
-def _prepare_run(
-    opts: TrainOptions, given: dict[str, Any], world: World, log: Any
-) -> tuple[TrainOptions, Path, Any]:
-    """Rank 0 (or the single process): the run's options and directory, its log, the embedded data if no
-    --data was given."""
-    if opts.resume:
-        run_dir = Path(opts.resume)
-        opts = load_resume_options(run_dir, given, world.world_size)
-    else:
-        run_dir = Path(opts.out) if opts.out else default_run_dir(opts.model)
-        if holds_checkpoint(run_dir):
-            raise ConfigError(
-                f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose --out"
-            )
-    opts.validate()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    both = RunLog(run_dir / "train.log", sink=log)
-    try:
-        if opts.data is None and not opts.resume:
-            from .data.embedded import EMBEDDED_DEFAULTS, prepare_embedded
-
-            for (
-                key,
-                value,
-            ) in EMBEDDED_DEFAULTS.items():  # settings tuned for the embedded corpus, unless given
-                if key not in given:
-                    setattr(opts, key, value)
-            opts.data, opts.tokenizer = (str(p) for p in prepare_embedded(log=both))
-    except BaseException:
-        both.close()
-        raise
-    return opts, run_dir, both
-
-
-def run_training(opts: TrainOptions, given: dict[str, Any] | None = None, log: Any = None) -> int:
-    """Run (or resume) a training run; returns the process exit code.
-
-    Under torchrun every rank calls this; rank 0 prepares the run and hands the options to the others.
-    """
-    given = given or {}
-    world = start_world(opts, given)
-    try:
-        return _run_ranks(opts, given, log, world)
-    except AnetrainError as e:
-        if world.active and not world.is_main and not isinstance(e, DistributedError):
-            raise AnetrainError(f"rank {world.rank}: {e}") from e
-        raise
-    finally:
-        world.close()
-
-
-def _run_ranks(opts: TrainOptions, given: dict[str, Any], log: Any, world: World) -> int:
-    main_log: Any = None
-
-    def prepare() -> dict[str, Any]:
-        nonlocal main_log
-        prepared, run_dir, main_log = _prepare_run(opts, given, world, log)
-        return {"opts": asdict(prepared), "run_dir": str(run_dir)}
-
-    doc = world.from_main(prepare, "preparing the run")
-    opts, run_dir = TrainOptions(**doc["opts"]), Path(doc["run_dir"])
-    both = main_log if world.is_main else RankLog(world.rank)
-    try:
-        opts.validate()
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
-        if opts.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        trainer = Trainer(
-            opts, run_dir, both, model_check=given.get("model") if opts.resume else None, world=world
-        )
-        trainer.setup()
-        return trainer.run()
-    finally:
-        both.close()

@@ -1,0 +1,105 @@
+"""What a run trains and on what: the model (preset, config file or weights file) and the train/validation
+token data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import PRESETS, ModelConfig, deepnet_alpha, load_config_file
+from ..data.tokens import TokenFile, check_tokens, open_tokens
+from ..errors import ConfigError, InputError
+from ..optim import (
+    AdamState,
+)
+from ..params import ModelParams, init_params
+from .options import TrainOptions
+
+# ------------------------------------------------------------------------------------------------
+# Model and data resolution
+
+
+def config_of_spec(spec: str, alpha: str | None = None) -> ModelConfig:
+    """The config a --model spec describes (a weights file is read for its header)."""
+    if spec in PRESETS or (spec.lower().endswith((".toml", ".json")) and not Path(spec).is_dir()):
+        cfg = PRESETS[spec] if spec in PRESETS else load_config_file(spec)
+        if alpha is not None:
+            cfg = cfg.with_(
+                residual_scale=deepnet_alpha(cfg.n_layers) if alpha == "deepnet" else float(alpha)
+            )
+        return cfg
+    from ..formats import load_model
+
+    return load_model(spec).cfg
+
+
+def resolve_model(opts: TrainOptions) -> tuple[ModelConfig, ModelParams, AdamState | None, str]:
+    """(config, fresh or pretrained fp32 params, optimizer state if the file has one, description)."""
+    spec = opts.model
+    alpha = opts.residual_scale
+    if spec in PRESETS or (spec.lower().endswith((".toml", ".json")) and not Path(spec).is_dir()):
+        cfg = PRESETS[spec] if spec in PRESETS else load_config_file(spec)
+        if alpha is not None:
+            cfg = cfg.with_(
+                residual_scale=deepnet_alpha(cfg.n_layers) if alpha == "deepnet" else float(alpha)
+            )
+        return (
+            cfg,
+            init_params(cfg, opts.init, opts.seed),
+            None,
+            f"{cfg.name} from scratch ({opts.init} init)",
+        )
+    if not Path(spec).exists():
+        raise ConfigError(
+            f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}), a .toml/.json config nor "
+            "an existing weights file"
+        )
+    if alpha is not None:
+        raise ConfigError("--residual-scale applies to new models only; a weights file carries its own")
+    from ..formats import load_model
+
+    loaded = load_model(spec)
+    return loaded.cfg, loaded.params, loaded.optimizer, f"{spec} ({loaded.format})"
+
+
+@dataclass
+class DataSplit:
+    train: TokenFile
+    n_train: int
+    val: TokenFile | None
+    val_range: tuple[int, int] | None
+
+
+def resolve_data(opts: TrainOptions, cfg: ModelConfig, tokenizer_fp: str | None) -> DataSplit:
+    assert opts.data is not None
+    window = opts.seq + 1
+    train = open_tokens(opts.data)
+    if opts.val_data:
+        val = open_tokens(opts.val_data)
+        check_tokens(train, vocab_size=cfg.vocab_size, window=window, tokenizer_fingerprint=tokenizer_fp)
+        check_tokens(
+            val,
+            vocab_size=cfg.vocab_size,
+            window=window,
+            tokenizer_fingerprint=tokenizer_fp,
+            what="validation",
+        )
+        return DataSplit(train, train.n, val, (0, val.n))
+    n_val = int(train.n * opts.val_fraction)
+    n_train = train.n - n_val
+    check_tokens(
+        train,
+        vocab_size=cfg.vocab_size,
+        window=window,
+        tokenizer_fingerprint=tokenizer_fp,
+        region=(0, n_train),
+    )
+    if n_val == 0:
+        return DataSplit(train, n_train, None, None)
+    if n_val < window:
+        raise InputError(
+            train.path,
+            f"the held-out validation tail ({n_val} tokens, --val-fraction "
+            f"{opts.val_fraction}) is shorter than one window of {window} tokens",
+        )
+    return DataSplit(train, n_train, train, (n_train, train.n))
