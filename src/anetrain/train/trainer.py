@@ -295,7 +295,9 @@ class Trainer:
             else ""
         )
         self.log(
-            f"pipeline: {labels['pipeline']} on {labels['backend']} in {labels['precision']}; batch "
+            f"pipeline: {labels['pipeline']} on {labels['backend']} in {labels['precision']}"
+            + (f" ({labels['fusion']} fusion)" if "fusion" in labels else "")
+            + "; batch "
             f"{o.batch}x{o.seq}, accum {o.accum}{ranks} ({self.tokens_per_step:,} tokens/step); "
             f"{o.optimizer} lr {o.lr:g}"
         )
