@@ -32,10 +32,8 @@ RECOMPILE_LIMIT = 64
 _THREAD = threading.local()
 
 
-def _compiled(fn: Callable[..., Any] | None = None, *, dynamic: bool = False) -> Any:
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Compile ``fn`` on first call (so importing this module costs nothing)."""
-    if fn is None:
-        return functools.partial(_compiled, dynamic=dynamic)
 
     @functools.wraps(fn)
     def call(*args: Any) -> Any:
@@ -45,7 +43,7 @@ def _compiled(fn: Callable[..., Any] | None = None, *, dynamic: bool = False) ->
             _THREAD.configured = True
         c = _COMPILED.get(fn.__name__)
         if c is None:
-            c = _COMPILED[fn.__name__] = torch.compile(fn, dynamic=dynamic, fullgraph=True)
+            c = _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False, fullgraph=True)
         return c(*args)
 
     return call
@@ -221,33 +219,6 @@ def swiglu_backward(dh13: torch.Tensor, dg: torch.Tensor, h13: torch.Tensor) -> 
     a, b, d = h13[..., :f].float(), h13[..., f:].float(), dg.float()
     sig = torch.sigmoid(a)
     dh13.copy_(torch.cat((d * b * sig * (1 + a * (1 - sig)), d * a * sig), dim=-1))
-
-
-@_compiled
-def rope_merge_backward(
-    dqkv: torch.Tensor,
-    dq: torch.Tensor,
-    dk: torch.Tensor,
-    dv: torch.Tensor,
-    cos_q: torch.Tensor,
-    sin_q: torch.Tensor,
-    cos_k: torch.Tensor,
-    sin_k: torch.Tensor,
-) -> None:
-    """dqkv [B, S, Dq+2Dkv] from heads-first dq, dk, dv through the inverse rotation (the transpose: the
-    same cos, negated sin; the q scale stays, since d(s R q)/dq = s R^T)."""
-    gq = dq.float().transpose(1, 2)  # [B, S, H, dh]
-    gk = dk.float().transpose(1, 2)
-    dqkv.copy_(
-        torch.cat(
-            (
-                _rotate(gq, cos_q, -sin_q).flatten(-2),
-                _rotate(gk, cos_k, -sin_k).flatten(-2),
-                dv.transpose(1, 2).flatten(-2).float(),
-            ),
-            dim=-1,
-        )
-    )
 
 
 @_compiled

@@ -194,9 +194,8 @@ class CompiledFusion(HandFusion):
     def swiglu_backward(self, dh13: torch.Tensor, dg: torch.Tensor, h13: torch.Tensor, ws: Any) -> None:
         C.swiglu_backward(dh13, dg, h13)
 
-    # rope_merge_backward stays hand-fused: Inductor's kernel for it (the transposes and the concatenation,
-    # ``compiled.rope_merge_backward``) measured slower than the complex multiply into place (2.6 vs 3.7 ms
-    # per stories110M step)
+    # rope_merge_backward stays hand-fused: an Inductor kernel for it (the transposes and a concatenation)
+    # measured slower than the complex multiply into place (3.7 vs 2.6 ms per stories110M step)
 
     def accumulate(self, acc: torch.Tensor, src: torch.Tensor, scratch: torch.Tensor) -> None:
         if src.dtype == acc.dtype:
