@@ -62,17 +62,13 @@ class HandFusion:
         F.swiglu_forward_into(g, h13)
 
     def cross_entropy_chunk(
-        self,
-        dlogits: torch.Tensor,
-        loss: torch.Tensor,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        grad_scale: float,
-        ws: Any,
+        self, logits: torch.Tensor, loss: torch.Tensor, targets: torch.Tensor, grad_scale: float, ws: Any
     ) -> None:
+        """loss += the chunk's summed cross-entropy; logits [c, V] (16-bit) are overwritten with their
+        gradient (softmax - onehot) * grad_scale."""
         c = logits.shape[0]
         F.cross_entropy_chunk_into(
-            dlogits,
+            logits,
             loss,
             logits,
             targets,
@@ -158,18 +154,10 @@ class CompiledFusion(HandFusion):
         C.swiglu(g, h13)
 
     def cross_entropy_chunk(
-        self,
-        dlogits: torch.Tensor,
-        loss: torch.Tensor,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        grad_scale: float,
-        ws: Any,
+        self, logits: torch.Tensor, loss: torch.Tensor, targets: torch.Tensor, grad_scale: float, ws: Any
     ) -> None:
         ws.grad_scale.fill_(grad_scale)
-        if dlogits.data_ptr() != logits.data_ptr():
-            dlogits.copy_(logits)
-        C.cross_entropy_chunk(dlogits, loss, targets, ws.grad_scale)
+        C.cross_entropy_chunk(logits, loss, targets, ws.grad_scale)
 
     def norm_backward(
         self,

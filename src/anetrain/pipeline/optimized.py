@@ -114,7 +114,7 @@ class OptimizedPipeline:
         # fp32 products on the CPU go through oneDNN (else numpy; backends/gemm.py), 16-bit ones through torch
         self.blas, self.mm = choose_gemm(self.cdt, self.device, blas)
         self.grads = params.like()
-        self._overwrite = self._first = False  # see zero_grad()
+        self._overwrite = False  # see zero_grad()
         # elementwise work: hand-fused operators or torch.compile'd kernels (backends/fusion.py)
         self.fx, self.fusion_note = choose_fusion(fusion, self.device)
         self.times = PhaseTimes()
@@ -308,7 +308,7 @@ class OptimizedPipeline:
         ws = self._workspace(window.shape[0], window.shape[1] - 1)
         with blas_threads(self.blas):
             self._forward(window, ws)
-            return float(self._classifier(ws, 1.0, backward=False))
+            return float(self._classifier(ws, 1.0, backward=False, first=False))
 
     # ---- one micro-step ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -316,14 +316,14 @@ class OptimizedPipeline:
         b, s1 = window.shape
         ws = self._workspace(b, s1 - 1)
         # this micro-step's products overwrite the gradients when it is the first since zero_grad()
-        self._first, self._overwrite = self._overwrite, False
+        first, self._overwrite = self._overwrite, False
         dw_busy0 = self.dw.busy_ms
         with blas_threads(self.blas):
             with self.times.phase("forward"):
                 self._forward(window, ws)
-                loss = self._classifier(ws, grad_scale, backward=True)
+                loss = self._classifier(ws, grad_scale, backward=True, first=first)
             with self.times.phase("backward_dx"):
-                self._backward(ws)
+                self._backward(ws, first)
             self.times.add("wait", self.dw.wait())
         self.dw.flush(self.grads)
         dw_ms = self.dw.busy_ms - dw_busy0
@@ -378,8 +378,9 @@ class OptimizedPipeline:
         self.fx.masked_softmax(lb.p, ws.scores, ws)
         self.mm(lb.p, lb.v.view(g, s, dh), ws.out.view(g, -1, dh))
 
-    def _classifier(self, ws: Workspace, grad_scale: float, backward: bool) -> torch.Tensor:
-        """Classifier + cross-entropy; with ``backward``, also dlogits and dxf. Returns the mean loss.
+    def _classifier(self, ws: Workspace, grad_scale: float, backward: bool, first: bool) -> torch.Tensor:
+        """Classifier + cross-entropy; with ``backward``, also dlogits, dxf and the classifier's dW job (whose
+        product overwrites the gradient when ``first``, see ``zero_grad``). Returns the mean loss.
 
         The logits are one GEMM for all N tokens, in the compute dtype, written into the dlogits buffer
         itself; the softmax and cross-entropy then run in fp32 ``loss_chunk`` rows at a time, overwriting
@@ -395,12 +396,9 @@ class OptimizedPipeline:
         chunk = min(self.loss_chunk, n)
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
-            self.fx.cross_entropy_chunk(
-                logits[lo:hi], ws.loss, logits[lo:hi], ws.targets[lo:hi], grad_scale / n, ws
-            )
+            self.fx.cross_entropy_chunk(logits[lo:hi], ws.loss, ws.targets[lo:hi], grad_scale / n, ws)
         if backward:
             self.mm(logits, wc, ws.dxf.view(n, -1))
-        if backward:
             if self.compaction is None:
                 self.dw.submit(
                     _weight_grad,
@@ -411,7 +409,7 @@ class OptimizedPipeline:
                     ws.acc_scratch,
                     self.mm,
                     self.fx.accumulate,
-                    self._first,
+                    first,
                 )
             else:
                 self.dw.submit(
@@ -425,17 +423,16 @@ class OptimizedPipeline:
                     ws.cls_grad,
                     self.mm,
                     self.fx.accumulate,
-                    self._first,
                 )
         return float(ws.loss) / n  # type: ignore[return-value]
 
-    def _backward(self, ws: Workspace) -> None:
+    def _backward(self, ws: Workspace, first: bool) -> None:
+        """The dx kernels from the final norm down; dW jobs go to the executor (overwriting if ``first``)."""
         cfg, w, p32, g, mm = self.cfg, self.w, self.params, self.grads, self.mm
         alpha = cfg.residual_scale
         b, s = ws.batch, ws.seq
         n = b * s
         dy, dx2 = ws.dy, ws.dx2  # fp32 gradients of the residual stream
-        first = self._first
         submit = self.dw.submit
         buckets = iter(self._buckets)
         threads_before = torch.get_num_threads()
@@ -537,9 +534,8 @@ def _compact_classifier_grad(
     acc: torch.Tensor,
     mm: MatMul = torch_matmul,
     accumulate: Accumulate = F.accumulate_into,
-    overwrite: bool = False,
 ) -> None:
-    """g_cls[ids] += dlogits^T xf: the compact classifier's gradient scattered into the full table
-    (``overwrite`` is accepted for the job signature; the full table is zeroed by ``zero_grad``)."""
+    """g_cls[ids] += dlogits^T xf: the compact classifier's gradient (formed in ``acc``, overwritten)
+    scattered into the full table, which ``zero_grad`` zeroes."""
     _weight_grad(acc, dlogits, xf, prod, scratch, mm, accumulate, overwrite=True)
     g_cls.index_add_(0, ids, acc)
