@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AnetrainError
+from ..errors import AnetrainError, ConfigError
 from .dialect import CHIPS
 
 
@@ -142,9 +142,30 @@ def resolve_chip(chip: str) -> ChipInfo:
     if chip.lower() == "auto":
         return detect_chip()
     if chip.lower() not in CHIPS:
-        raise AnetrainError(f"unknown chip {chip!r} (known: auto, {', '.join(CHIPS)})")
+        raise ConfigError(f"unknown chip {chip!r} (known: auto, {', '.join(CHIPS)})")
     brand = read_brand()
     return ChipInfo(chip.lower(), brand)
+
+
+DEFAULT_SIM_CHIP = "m4"  # the dialect the simulator uses for --ane-chip auto off a Mac (M3-M5: program(1.3))
+
+
+def resolve_sim_chip(chip: str) -> tuple[str, str]:
+    """(chip, how it was chosen) for programs that run in the simulator.
+
+    ``auto`` means this Mac's chip on Apple silicon and :data:`DEFAULT_SIM_CHIP` anywhere else (the
+    simulator has no chip of its own); a family name is taken as given.
+    """
+    if chip.lower() != "auto":
+        return resolve_chip(chip).chip, "given"
+    if is_apple_silicon():
+        try:
+            return detect_chip().chip, "auto: detected on this Mac"
+        except AnetrainError:
+            pass
+    return DEFAULT_SIM_CHIP, (
+        f"auto: not an Apple silicon Mac, so {DEFAULT_SIM_CHIP}'s dialect (M3-M5: program(1.3), ios18)"
+    )
 
 
 def machine_info() -> dict[str, Any]:

@@ -29,7 +29,7 @@ from ..errors import AnetrainError, ConfigError
 from ..params import ModelParams
 from .budget import compile_budget, needs_fresh_process
 from .device import Device, ExecutorStats, LoadedProgram
-from .machine import ChipInfo, require_apple_silicon, resolve_chip
+from .machine import ChipInfo, require_apple_silicon, resolve_chip, resolve_sim_chip
 from .pipeline import AneSimPipeline
 
 RUNTIMES = ("private", "coreml", "sim")
@@ -138,9 +138,10 @@ def make_executor(
 
 def resolve_runtime_chip(chip: str, runtime: str) -> ChipInfo:
     """The chip whose dialect the programs use. On the hardware ``auto`` means this Mac's chip; the
-    simulator has none, so ``auto`` means m4 there."""
+    simulator has none, so ``auto`` means this Mac's chip on a Mac and m4 elsewhere
+    (:func:`~.machine.resolve_sim_chip`)."""
     if runtime == "sim":
-        return ChipInfo("m4" if chip.lower() == "auto" else resolve_chip(chip).chip)
+        return ChipInfo(resolve_sim_chip(chip)[0])
     require_apple_silicon("the Neural Engine runtime (--backend ane)")
     return resolve_chip(chip)
 
@@ -156,13 +157,15 @@ def make_runtime_pipeline(
     params: ModelParams,
     *,
     chip: str = "auto",
-    inputs: str = "separate",
+    programs: str = "original",
+    inputs: str = "packed",
     compaction: VocabCompaction | None = None,
     loss_chunk: int | None = None,
     runtime: str | None = None,
     isolate: bool | None = None,
     budget: int | None = None,
     executor: Any = None,
+    seq: int | None = None,
 ) -> AneRuntimePipeline:
     """The ANE pipeline on this Mac's Neural Engine (what ``--backend ane`` builds).
 
@@ -179,10 +182,13 @@ def make_runtime_pipeline(
         return AneRuntimePipeline(
             params,
             chip=info.chip,
+            programs=programs,
             inputs=inputs,
             executor=executor,
             compaction=compaction,
             loss_chunk=loss_chunk,
+            seq=seq,
+            chip_note=f"auto: {info.brand or 'detected'}" if chip.lower() == "auto" else "given",
         )
     except BaseException:
         close = getattr(executor, "close", None)

@@ -259,8 +259,10 @@ class Trainer:
             dw_device=o.dw_device,
             fusion=o.fusion,
             ane_chip=o.ane_chip,
+            ane_programs=o.ane_programs,
             ane_inputs=o.ane_inputs,
             ane_runtime=o.ane_runtime,
+            seq=o.seq,
         )
         self.pipe: Pipeline = make_pipeline(params, choice, self.compaction)
         if self.world.backend == "nccl" and self.pipe.params.flat.device.type != "cuda":
@@ -301,6 +303,8 @@ class Trainer:
             f"{o.batch}x{o.seq}, accum {o.accum}{ranks} ({self.tokens_per_step:,} tokens/step); "
             f"{o.optimizer} lr {o.lr:g}"
         )
+        if "ane" in labels:
+            self.log(labels["ane"])
         if world.active and self.sync is not None and not self.sync.overlap:
             self.log(
                 "note: this pipeline announces no gradient buckets; the all-reduce runs after the backward"
