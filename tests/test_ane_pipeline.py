@@ -156,12 +156,13 @@ def train(
 
 @pytest.mark.slow
 def test_stories260K_shaped_training_tracks_the_float32_baseline() -> None:
-    """From the same init and batches, the fp16 ANE pipeline's loss curve stays within 0.25 nats (20-step
-    moving average) of the float32 baseline's over 250 steps, and both learn (6.25 -> ~4.1).
+    """From the same init and batches, the fp16 ANE pipeline (the original's programs) keeps its loss curve
+    within 0.18 nats (20-step moving average) of the float32 baseline's over 250 steps, and both learn
+    (6.25 -> ~4.1).
 
-    Measured (this seed): final averages 4.145 (baseline) and 4.029 (ANE), max gap 0.141, mean 0.058;
-    two other data orders over 300 steps gave max gaps 0.103 and 0.026, the ANE sometimes above and
-    sometimes below.
+    Measured (this seed): final averages 4.128 (baseline) and 4.060 (ANE), max gap 0.133, mean 0.051 (with
+    anetrain's programs: 4.040, max gap 0.128, mean 0.054); earlier versions with other data orders over
+    300 steps gave max gaps of 0.10 and 0.03, the ANE sometimes above and sometimes below.
 
     The trajectories do drift apart (Adam amplifies any difference; a 1e-4 relative weight perturbation
     of the baseline alone moves its own curve by ~0.05), so the bound is on the curves, not the weights.
@@ -184,4 +185,4 @@ def test_stories260K_shaped_training_tracks_the_float32_baseline() -> None:
     sa = np.convolve(ane, np.ones(k) / k, mode="valid")
     assert sb[-1] < base[0] - 1.5 and sa[-1] < ane[0] - 1.5
     gap = np.abs(sa - sb)
-    assert gap.max() < 0.25, f"max gap {gap.max():.3f}"
+    assert gap.max() < 0.18, f"max gap {gap.max():.3f}"

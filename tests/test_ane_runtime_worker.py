@@ -200,3 +200,37 @@ def test_a_program_the_device_rejects_leaves_the_worker_serving() -> None:
     ex.run(ks["q_bwd"], good)
     assert ex.worker_pid == pid
     ex.close()
+
+
+def test_both_runtimes_refuse_a_program_over_the_limits_before_the_device_sees_it() -> None:
+    """The in-process runtime and the worker check a program against its chip's limits before compiling
+    (here a program whose packed input is 16,576 wide on m1, where the limit is 16,384)."""
+    from anetrain.ane.device import SimDevice
+    from anetrain.ane.limits import AneLimitError
+    from anetrain.ane.runtime import AneRuntimeExecutor
+
+    ks = build_kernel_set(CFG, "m1", seq=16)
+    program = ks["ffn_fused"]
+    wide = dataclasses.replace(program, dialect=program.dialect)
+    assert wide.graph is not None
+    x = wide.graph.inputs[0]
+    wide.graph = dataclasses.replace(
+        wide.graph, inputs=[dataclasses.replace(x, shape=(1, x.shape[1], 1, 16576))]
+    )
+    device = SimDevice()
+    ex = AneRuntimeExecutor(device)
+    with pytest.raises(
+        AneLimitError,
+        match=r"^ANE program ffn_fused: tensor x \[.*\] has width 16576, above the limit of 16384 on m1$",
+    ):
+        ex.load(wide)
+    assert device.compiles == 0
+    worker = WorkerExecutor("sim")
+    try:
+        with pytest.raises(AneLimitError, match="has width 16576"):
+            worker.load(wide)
+        assert worker.worker_pid is None and worker.stats.compiles == 0  # no worker was even started
+        worker.load(program)  # the program as built fits
+        assert worker.stats.compiles == 1
+    finally:
+        worker.close()

@@ -99,3 +99,12 @@ def check_graph(graph: Graph, program: str, chip: str, opset: str) -> None:
     """:func:`check_limits` over every tensor and matmul of a graph."""
     tensors, matmuls = graph_limits(graph)
     check_limits(program, chip, opset, tensors, matmuls)
+
+
+def check_program(program: object) -> None:
+    """:func:`check_graph` for anything with ``name``, ``dialect`` and a builder ``graph`` (kernel programs,
+    peak probes); a no-op for a program without a graph."""
+    graph = getattr(program, "graph", None)
+    if isinstance(graph, Graph):
+        d = program.dialect  # type: ignore[attr-defined]
+        check_graph(graph, program.name, d.chip, d.opset)  # type: ignore[attr-defined]

@@ -164,7 +164,7 @@ def resolve_sim_chip(chip: str) -> tuple[str, str]:
         except AnetrainError:
             pass
     return DEFAULT_SIM_CHIP, (
-        f"auto: not an Apple silicon Mac, so {DEFAULT_SIM_CHIP}'s dialect (M3-M5: program(1.3), ios18)"
+        f"auto: not an Apple silicon Mac, so {DEFAULT_SIM_CHIP}'s dialect, the M3-M5 one: program(1.3)/ios18"
     )
 
 

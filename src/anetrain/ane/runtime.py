@@ -29,6 +29,7 @@ from ..errors import AnetrainError, ConfigError
 from ..params import ModelParams
 from .budget import compile_budget, needs_fresh_process
 from .device import Device, ExecutorStats, LoadedProgram
+from .limits import check_program
 from .machine import ChipInfo, require_apple_silicon, resolve_chip, resolve_sim_chip
 from .pipeline import AneSimPipeline
 
@@ -50,6 +51,7 @@ class AneRuntimeExecutor:
         """The loaded form of ``program``, compiling it on first use."""
         key = id(program)
         if key not in self._loaded:
+            check_program(program)  # over the chip's limits: refused before the device sees it
             if needs_fresh_process(self.device.compiles, self.budget):
                 raise AnetrainError(
                     f"the compile budget of {self.budget} programs per process is used up (compiling "

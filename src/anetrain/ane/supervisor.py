@@ -35,6 +35,7 @@ from ..errors import AnetrainError
 from .budget import compile_budget, needs_fresh_process
 from .device import AneRuntimeError, ExecutorStats, ProgramSpec
 from .ipc import Channel, IoArea, IoLayout, PeerTimeout
+from .limits import check_program
 
 
 @dataclass
@@ -133,6 +134,10 @@ class WorkerExecutor:
         self._workers_started = 0
 
     # ---- the seam --------------------------------------------------------------------------------
+    def load(self, program: Any) -> None:
+        """Compile ``program`` in the worker now (a training run's warm-up does this for every program)."""
+        self._ensure_loaded(self._register(program))
+
     def run(self, program: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         reg = self._register(program)
         self._ensure_loaded(reg)
@@ -165,6 +170,7 @@ class WorkerExecutor:
     def _register(self, program: Any) -> _Registered:
         reg = self._programs.get(id(program))
         if reg is None:
+            check_program(program)  # over the chip's limits: refused before the worker sees it
             spec = ProgramSpec.of(program)
             pid = len(self._programs)
             layout = IoLayout.of(spec.inputs, spec.outputs)
