@@ -1,5 +1,5 @@
 """``anetrain.ane.bench.run_ane_bench`` (what ``anetrain bench --backend ane`` runs) with the simulator as
-the device: the Efficiency Report fields follow the original's accounting (seed-system.md 10.2-10.3); the
+the device: the Efficiency Report fields follow the original's accounting (docs/ane.md, appendix A.5); the
 numbers a Mac would produce cannot be produced here."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 :func:`run_ane_bench` trains ``warmup + steps`` micro-steps of ``batch x seq`` random tokens (an AdamW
 update every ``accum``) through :func:`.runtime.make_runtime_pipeline` and reports, per micro-step as the
-original does (seed-system.md 10.2-10.3):
+original does (docs/ane.md, appendix A.5):
 
 * ``ms_per_step``: median time of a timed micro-step, the optimizer excluded (the original's "Avg train");
   ``ms_per_step_with_optimizer`` adds the update's time spread over ``accum`` steps;

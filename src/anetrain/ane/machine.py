@@ -6,7 +6,7 @@ The MIL dialect depends on the chip family (:mod:`.dialect`), so the runtime nee
 a future chip) is an error that tells the user to pass the family with ``--ane-chip``.
 
 Peak throughput for the utilization figure is **published**, not measured: Apple's rated numbers and the
-original trainer's assumptions (seed-system.md 12.2, 10.3). ``anetrain ane peak`` measures the real one.
+original trainer's assumptions (docs/ane.md, appendix A.5-A.6). ``anetrain ane peak`` measures the real one.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ChipInfo:
         return bool(self.brand and "ultra" in self.brand.lower())
 
 
-# Published FP16 peaks in TFLOPS (seed-system.md 12.2 and 10.3). None of them was measured by anetrain.
+# Published FP16 peaks in TFLOPS (docs/ane.md, appendix A.5-A.6). None of them was measured by anetrain.
 PUBLISHED_PEAK_TFLOPS: dict[str, tuple[float, str]] = {
     "m1": (11.0, "Apple's rated 11 TOPS for the M1 Neural Engine"),
     "m2": (15.8, "Apple's rated 15.8 TOPS for the M2 Neural Engine"),

@@ -51,7 +51,7 @@ SIGNATURES: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "arrayWithObjects:count:": (ID, (POINTER(ID), NSUInteger)),
     "dictionaryWithObjects:forKeys:count:": (ID, (POINTER(ID), POINTER(ID), NSUInteger)),
     "code": (NSInteger, ()),
-    # AppleNeuralEngine.framework (private; seed-system.md 2.1)
+    # AppleNeuralEngine.framework (private; docs/ane.md appendix A.1)
     "modelWithMILText:weights:optionsPlist:": (ID, (ID, ID, ID)),
     "inMemoryModelWithDescriptor:": (ID, (ID,)),
     "hexStringIdentifier": (ID, ()),

@@ -1,6 +1,6 @@
 """The peak-throughput probe: chains of 1x1 convolutions with constant weights, timed on the Neural Engine.
 
-It reproduces the original's two probes (seed-system.md 12.2, 12.3):
+It reproduces the original's two probes (docs/ane.md, appendix A.6):
 
 ``inmem_peak``
     input ``[1, C, 1, S]`` fp16, ``depth`` 1x1 convs ``[C, C, 1, 1]``; configs (C, S, depth) =
