@@ -1,6 +1,6 @@
 """The Neural Engine through AppleNeuralEngine.framework's private in-memory model classes (macOS only).
 
-The sequence, per program (docs/ane.md, appendix A.1; the original's ``ane_runtime.h`` and ``bridge/ane_bridge.m``):
+The sequence, per program (docs/ane.md, appendix A.1; the original's ane_runtime.h and ane_bridge.m):
 
 1. ``+[_ANEInMemoryModelDescriptor modelWithMILText:weights:optionsPlist:]`` with the MIL text as NSData and
    the weights as ``{"@model_path/weights/<name>.bin": {"offset": 0, "data": NSData}}`` (``@{}`` when the
