@@ -333,10 +333,11 @@ def test_fp32_products_through_onednn_and_numpy_equal_torch_blas(monkeypatch):
 def test_weight_grad_in_row_blocks_equals_one_product(dtype):
     """The classifier's dW product is formed a block of rows at a time (a small 16-bit buffer); the fp32
     gradient is the same as from one product, including a last block shorter than the others."""
-    from anetrain.pipeline.optimized import _block_rows, _weight_grad
+    from anetrain.pipeline.optimized import _weight_grad
+    from anetrain.pipeline.workspace import block_rows
 
-    assert _block_rows(32000, 768) == 10667  # 24.6M elements: 3 blocks of at most 2^23 elements
-    assert _block_rows(100, 10, limit=300) == 25
+    assert block_rows(32000, 768) == 10667  # 24.6M elements: 3 blocks of at most 2^23 elements
+    assert block_rows(100, 10, limit=300) == 25
     g = torch.Generator().manual_seed(0)
     dy = torch.randn(2, 9, 70, generator=g).to(dtype)
     x = torch.randn(2, 9, 12, generator=g).to(dtype)

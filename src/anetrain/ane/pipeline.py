@@ -34,6 +34,7 @@ from .. import kernels as K
 from ..data.compaction import VocabCompaction, compacted
 from ..errors import ConfigError
 from ..params import LayerParams, ModelParams
+from ..pipeline.base import GradReadyHook
 from ..pipeline.dw import SerialDW, ThreadDW
 from ..timing import PhaseTimes
 from .dialect import dialect_for
@@ -91,7 +92,11 @@ class AneSimPipeline:
     name = "ane-sim"
     backend = "ane-sim"
     precision = "fp16"
+    fusion = None
+    note = ""
     needs_loss_scaling = True
+    #: the dW jobs run per projection, not per layer bucket: the all-reduce waits for the whole backward
+    announces_buckets = False
 
     def __init__(
         self,
@@ -120,6 +125,7 @@ class AneSimPipeline:
         self.compaction = compaction
         self.loss_chunk = loss_chunk
         self._compiled: dict[int, _Compiled] = {}
+        self.grad_ready_hook: GradReadyHook | None = None  # never called (announces_buckets is False)
 
     # ---- staging ---------------------------------------------------------------------------------
     def _for_seq(self, seq: int) -> _Compiled:
@@ -129,6 +135,10 @@ class AneSimPipeline:
             c.stage_weights(self.params.layers)
             self._compiled[seq] = c
         return self._compiled[seq]
+
+    def warmup(self, batch: int, seq: int) -> None:
+        """Build the programs for ``seq`` and stage the weights into them (what the first step would do)."""
+        self._for_seq(seq)
 
     def after_update(self) -> None:
         """Re-stage the updated weights (fp16) into every layer's program inputs."""
