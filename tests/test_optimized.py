@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from anetrain.backends import fused as F
+from anetrain.backends import fused
 from anetrain.config import make_config
 from anetrain.data.compaction import VocabCompaction
 from anetrain.kernels import Rope, rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward
@@ -187,6 +187,39 @@ def _allocations(fn) -> list[int]:
     ]
 
 
+def test_workspace_buffers_have_their_declared_shapes():
+    """Every buffer of the workspace (pipeline/workspace.py) and of the fusion's scratch (backends/fusion.py)
+    is allocated with the shape and dtype its declaration names; a buffer of a variant that is off (compiled
+    fusion, a compacted vocabulary) has no elements."""
+    from dataclasses import fields
+
+    from anetrain.backends.buffers import FP32, shape_of
+    from anetrain.backends.fusion import CompiledFusion
+
+    (w,) = windows(CFG, 1)
+    pipe = OptimizedPipeline(init_params(CFG), dtype="bf16", dw="serial")
+    pipe.forward_backward(w)
+    ws = pipe.ws
+    assert ws is not None
+    d = ws.dims
+    assert (d.B, d.S, d.N, d.R, d.Dqkv) == (3, 24, 72, 2, 64 + 2 * 32)
+    compiled_scratch = CompiledFusion().make_scratch(d, torch.bfloat16, ws.scratch.tables)
+    for buffers, off in ((ws, {"compaction"}), (ws.layers[1], set()), (ws.scratch, {"compile"})):
+        for f in fields(buffers):
+            if "shape" not in f.metadata:
+                continue
+            t, meta = getattr(buffers, f.name), f.metadata
+            want = (0,) if meta["only"] in off else shape_of(meta["shape"], d)
+            assert tuple(t.shape) == want, f.name
+            assert t.dtype == (torch.bfloat16 if meta["dtype"] == "compute" else meta["dtype"]), f.name
+            if buffers is ws.scratch and meta["only"] == "hand":
+                assert getattr(compiled_scratch, f.name).numel() == 0, f.name
+    assert ws.dlogits.shape == (72, CFG.vocab_size) and ws.layers[0].p.shape == (3 * 4, 2 * 24, 24)
+    assert ws.x.dtype == FP32 and ws.scratch.probs.shape == (64, CFG.vocab_size)
+    assert ws.scratch.row_base.tolist() == [i * CFG.vocab_size for i in range(64)]
+    assert compiled_scratch.grad_scale.shape == ()
+
+
 def test_steady_state_allocates_no_buffers():
     """After the first step every tensor lives in the workspace: the c10 allocator sees no allocation but
     the 8-byte 0-dim tensors torch wraps Python scalars in. The baseline, for contrast, allocates hundreds
@@ -210,10 +243,10 @@ def test_fused_rmsnorm_matches_the_kernel():
     y_ref, rstd_ref = rmsnorm_forward(x, gain, 1e-5)
     dx_ref, dg_ref = rmsnorm_backward(dy, x, rstd_ref, gain)
     y, rstd, tmp = torch.empty_like(x), torch.empty(2, 5, 1), torch.empty_like(x)
-    F.rmsnorm_forward_into(y, rstd, x, gain, 1e-5, tmp)
+    fused.rmsnorm_forward_into(y, rstd, x, gain, 1e-5, tmp)
     torch.testing.assert_close(y, y_ref)
     dx, dg = torch.zeros_like(x), torch.zeros(16)
-    F.rmsnorm_backward_into(
+    fused.rmsnorm_backward_into(
         dx,
         dg,
         dy,
@@ -234,9 +267,9 @@ def test_fused_rope_matches_the_kernel_with_the_query_scale_folded_in():
     qkv = torch.randn(b, s, (h + 2 * hkv) * dh, generator=g)
     rope = Rope.build(s, dh)
     scale = dh**-0.5
-    fq, fk = F.rope_tables(rope.cos, rope.sin, scale)
+    fq, fk = fused.rope_tables(rope.cos, rope.sin, scale)
     q, k, v = torch.empty(b, h, s, dh), torch.empty(b, hkv, s, dh), torch.empty(b, hkv, s, dh)
-    F.rope_split_into(q, k, v, qkv, (fq, fk), torch.empty_like(qkv), torch.empty(b, s, h, dh))
+    fused.rope_split_into(q, k, v, qkv, (fq, fk), torch.empty_like(qkv), torch.empty(b, s, h, dh))
     q_ref = rope_forward(qkv[..., : h * dh].view(b, s, h, dh), rope.cos, rope.sin).transpose(1, 2) * scale
     k_ref = rope_forward(qkv[..., h * dh : (h + hkv) * dh].view(b, s, hkv, dh), rope.cos, rope.sin).transpose(
         1, 2
@@ -247,7 +280,7 @@ def test_fused_rope_matches_the_kernel_with_the_query_scale_folded_in():
     dq, dk, dv = torch.randn_like(q), torch.randn_like(k), torch.randn_like(v)
     dqkv = torch.empty_like(qkv)
     conj = (fq.conj().resolve_conj(), fk.conj().resolve_conj())
-    F.rope_merge_backward_into(dqkv, dq, dk, dv, conj, torch.empty(b, s, h, dh), torch.empty(b, s, h, dh))
+    fused.rope_merge_backward_into(dqkv, dq, dk, dv, conj, torch.empty(b, s, h, dh), torch.empty(b, s, h, dh))
     dq_ref = rope_backward(dq.transpose(1, 2), rope.cos, rope.sin) * scale
     torch.testing.assert_close(dqkv[..., : h * dh].view(b, s, h, dh), dq_ref)
     torch.testing.assert_close(
