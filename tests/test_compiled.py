@@ -160,7 +160,7 @@ def test_accumulate():
 # ---- the optimized pipeline with compiled fusion -------------------------------------------------------
 def _pipeline_fixtures():
     """test_optimized's GQA config (8 query heads on 4 kv heads, alpha != 1, untied) and 22 windows."""
-    from test_optimized import CFG, windows
+    from helpers.pipelines import CFG, windows
 
     return CFG, windows(CFG, 22)
 
@@ -193,17 +193,17 @@ def test_compiled_fusion_trains_like_the_reference_and_allocates_nothing():
     buffer (the compiled kernels write into the workspace)."""
     from anetrain.params import init_params
     from anetrain.pipeline.optimized import OptimizedPipeline
-    from test_optimized import _allocations, _train, _train_reference
+    from helpers.pipelines import allocations, train_reference, train_steps
 
     cfg, ws = _pipeline_fixtures()
     p = init_params(cfg, seed=2)
-    ref = _train_reference(cfg, p, ws, 11)
+    ref = train_reference(cfg, p, ws, 11)
     pipe = OptimizedPipeline(p.clone(), dtype="fp32", fusion="compile")
-    losses = _train(pipe, cfg, ws, 11)
+    losses = train_steps(pipe, cfg, ws, 11)
     assert abs(losses[-1] - ref[-1]) / ref[-1] < 1e-5
     bf = OptimizedPipeline(p.clone(), dtype="bf16", fusion="compile", dw="serial")
     bf.forward_backward(ws[0])
-    sizes = _allocations(lambda: (bf.forward_backward(ws[1]), bf.loss(ws[2])))
+    sizes = allocations(lambda: (bf.forward_backward(ws[1]), bf.loss(ws[2])))
     assert max(sizes, default=0) <= 8, sorted(sizes)[-5:]
 
 
