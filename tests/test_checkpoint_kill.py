@@ -3,6 +3,7 @@ SIGTERM / SIGINT / control/stop, each followed by a resume."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -10,6 +11,8 @@ import time
 import pytest
 
 from anetrain.checkpoint import find_checkpoint, load_checkpoint, verify_checkpoint
+from anetrain.distributed import World
+from anetrain.train.stop import StopController
 from helpers.train import (
     LARGER,
     dirs,
@@ -130,3 +133,22 @@ def test_control_stop_file_checkpoints_and_stops_like_sigint(tmp_path):
     assert not (run / "control" / "stop").exists()
     assert verify_checkpoint(find_checkpoint(run))["kind"] == "interrupt"
     assert list(step_values(run, "loss")) == [1]
+
+
+def test_the_dashboards_stop_file_and_sigint_together_are_one_request(tmp_path):
+    """The dashboard's q writes control/stop and sends SIGINT: a signal after the stop file is the same
+    request (training still checkpoints), while a second signal stops at once."""
+    lines: list[str] = []
+    stop = StopController(World(), tmp_path, lines.append)
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "stop").touch()
+    stop.poll_control_file()
+    assert stop.signal == signal.SIGINT and not (tmp_path / "control" / "stop").exists()
+    with stop.watching_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs in this (the main) thread
+        assert stop.signal == signal.SIGINT
+        assert lines == ["SIGINT received: finishing this step, then checkpointing"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)

@@ -1,8 +1,8 @@
 """When training stops early: SIGINT / SIGTERM, the dashboard's RUN_DIR/control/stop, and, data-parallel, the
 agreement that makes every rank stop after the same step.
 
-The first signal asks for a stop after the current step (with a checkpoint); a second one stops at once
-(KeyboardInterrupt), except under torchrun, which passes on the Ctrl-C the terminal already sent every rank:
+The first signal asks for a stop after the current step (with a checkpoint), as the stop file does; a second
+signal stops at once (KeyboardInterrupt), except under torchrun, which passes on the Ctrl-C the terminal already sent every rank:
 a second signal within :data:`DUPLICATE_SIGNAL_S` is that same request. A data-parallel rank's request travels
 with the next step's loss reduction, so the ranks act on it together.
 """
@@ -36,7 +36,7 @@ class StopController:
         self.log = log
         self.signal: int | None = None  # the agreed request to stop (every rank acts on it)
         self.pending: int | None = None  # a data-parallel rank's own request, until the ranks agree
-        self.first_signal_at = 0.0  # time.monotonic() of the first signal
+        self.first_signal_at: float | None = None  # time.monotonic() of the first SIGINT/SIGTERM
 
     def request(self, signum: int) -> None:
         """Stop after this step: at once for a single process; data-parallel, once the ranks agree."""
@@ -65,7 +65,8 @@ class StopController:
         return total / (len(losses) * self.world.world_size)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal is not None or self.pending is not None:  # a second signal: stop now
+        # a second signal: stop now. (Not a signal after the stop file: the dashboard sends both.)
+        if self.first_signal_at is not None:
             duplicate = time.monotonic() - self.first_signal_at < DUPLICATE_SIGNAL_S
             if self.world.active and duplicate:
                 return
