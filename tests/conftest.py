@@ -1,18 +1,28 @@
-"""Shared fixtures: paths to ../shared/data and small model configs."""
+"""Session-wide checks of the shared test data; the helpers themselves live in tests/helpers/."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+from helpers.data import MISSING, REPO, SHARED_DATA, shared_file, under_ci
+
+__all__ = ["REPO", "SHARED_DATA", "shared_file"]  # tests written as `from conftest import shared_file`
 
 
-def shared_file(name: str) -> Path:
-    """A file from ../shared/data, or skip the test with a message when it is absent."""
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"test data {path} is not present (see shared/data/PROVENANCE.md)")
-    return path
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if under_ci() and not SHARED_DATA.is_dir():
+        pytest.exit(
+            f"CI=true but the shared test data is not there: {SHARED_DATA} (../shared/data next to the "
+            "repository, see its PROVENANCE.md); without it a quarter of the suite cannot run",
+            returncode=3,
+        )
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)  # around pytest's short summary: printed after it
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> Any:
+    yield
+    missing = [r for r in terminalreporter.stats.get("skipped", []) if MISSING in str(r.longrepr)]
+    if missing:
+        terminalreporter.write_line(f"{len(missing)} tests skipped: {MISSING}", yellow=True, bold=True)

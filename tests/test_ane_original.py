@@ -32,7 +32,7 @@ from anetrain.ane.sim import SimExecutor
 from anetrain.ane.surfaces import Staging, read_operand
 from anetrain.cli import main
 from anetrain.config import PRESETS, deepnet_alpha, make_config
-from conftest import REPO, shared_file
+from helpers.data import REPO, shared_file
 
 REFERENCE = "ane_reference/stories110m"
 

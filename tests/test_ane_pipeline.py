@@ -24,7 +24,7 @@ from anetrain.params import init_params
 from anetrain.pipeline.baseline import BaselinePipeline
 from anetrain.pipeline.dw import SerialDW
 from anetrain.reference import ReferenceModel
-from conftest import shared_file
+from helpers.data import shared_file
 
 GRAD_TOL = 1.5e-3
 FORMS = [("original", "packed"), ("anetrain", "packed"), ("anetrain", "separate")]

@@ -49,7 +49,7 @@ from anetrain.config import make_config
 from anetrain.errors import AnetrainError, ConfigError
 from anetrain.params import init_params
 from anetrain.pipeline.dw import SerialDW
-from anetrain.pipeline.factory import PipelineChoice, make_pipeline
+from anetrain.pipeline_factory import PipelineChoice, make_pipeline
 
 CFG = make_config(dim=64, hidden_dim=80, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, seq_len=32)
 not_mac = pytest.mark.skipif(is_macos(), reason="checks the behaviour on a machine that is not a Mac")

@@ -3,6 +3,7 @@ SIGTERM / SIGINT / control/stop, each followed by a resume."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -10,7 +11,9 @@ import time
 import pytest
 
 from anetrain.checkpoint import find_checkpoint, load_checkpoint, verify_checkpoint
-from test_train_fixtures import (
+from anetrain.distributed import World
+from anetrain.train.stop import StopController
+from helpers.train import (
     LARGER,
     dirs,
     kill9,
@@ -66,28 +69,30 @@ def test_kill_9_at_random_moments_leaves_a_resumable_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_kill_9_during_checkpoint_writes_keeps_a_complete_checkpoint(tmp_path):
     """A larger model, a checkpoint after every step (most of the wall time is spent writing them), killed
-    repeatedly: at a random sub-second moment, or just after a temporary checkpoint directory appears."""
+    repeatedly: at a random sub-second moment, or just after a temporary checkpoint directory appears, until
+    at least one kill has landed in the middle of a checkpoint write (a half-written directory is left)."""
     rng = random.Random(7)
     run, log = tmp_path / "r", tmp_path / "train.log"
     root = run / "checkpoints"
     model = write_model(tmp_path, "larger", **LARGER)
     argv = train_argv(model, valid_head_tokens(), run, steps=FOREVER, ckpt_every=1, eval_every=0)
-    step, torn = 0, 0
-    for attempt in range(3):
-        proc = spawn(argv if attempt == 0 else resume_argv(run), tmp_path, log)
+    step, kills, torn = 0, 0, 0
+    while kills < 3 or (torn == 0 and kills < 8):
+        proc = spawn(argv if kills == 0 else resume_argv(run), tmp_path, log)
         before = n_step_records(run)
         wait_until(lambda b=before: n_step_records(run) > b and find_checkpoint(run) is not None, proc, log)
-        if attempt % 2:
+        if kills % 2:
             wait_until(lambda: bool(dirs(root, ".tmp-")), proc, log)
-            time.sleep(rng.uniform(0.0, 0.02))
+            time.sleep(rng.uniform(0.0, 0.005))
         else:
             time.sleep(rng.uniform(0.0, 0.5))
         kill9(proc)
-        torn += bool(dirs(root, ".tmp-"))
+        kills += 1
+        torn += bool(dirs(root, ".tmp-"))  # the killed process was writing a checkpoint
         now = _check_resumable(run)
         assert now >= step
         step = now
-    print(f"{torn} of 3 kills left a half-written checkpoint directory")
+    assert torn >= 1, f"none of {kills} kills landed in the middle of a checkpoint write"
     res = run_cli(resume_argv(run, stop_at=step + 1))
     assert res.rc == 0, res.err
     assert verify_checkpoint(find_checkpoint(run))["step"] == step + 1
@@ -128,3 +133,22 @@ def test_control_stop_file_checkpoints_and_stops_like_sigint(tmp_path):
     assert not (run / "control" / "stop").exists()
     assert verify_checkpoint(find_checkpoint(run))["kind"] == "interrupt"
     assert list(step_values(run, "loss")) == [1]
+
+
+def test_the_dashboards_stop_file_and_sigint_together_are_one_request(tmp_path):
+    """The dashboard's q writes control/stop and sends SIGINT: a signal after the stop file is the same
+    request (training still checkpoints), while a second signal stops at once."""
+    lines: list[str] = []
+    stop = StopController(World(), tmp_path, lines.append)
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "stop").touch()
+    stop.poll_control_file()
+    assert stop.signal == signal.SIGINT and not (tmp_path / "control" / "stop").exists()
+    with stop.watching_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs in this (the main) thread
+        assert stop.signal == signal.SIGINT
+        assert lines == ["SIGINT received: finishing this step, then checkpointing"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)

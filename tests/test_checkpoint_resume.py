@@ -16,7 +16,9 @@ import anetrain.checkpoint as checkpoint_module
 from anetrain.checkpoint import find_checkpoint, load_checkpoint, verify_checkpoint
 from anetrain.config import make_config
 from anetrain.params import init_params
-from test_train_fixtures import (
+from helpers.train import (
+    BASELINE,
+    OPTIMIZED_FP32,
     TINY,
     dirs,
     error_line,
@@ -73,11 +75,14 @@ def test_checkpoint_directory_layout(tmp_path):
 # ---- bitwise resume ----------------------------------------------------------------------------------------
 
 
-def test_resume_gives_bitwise_identical_losses_and_weights(tmp_path):
-    """6 steps in one run == 3 steps, --stop-at, resume, 3 more (fp32, CPU, --deterministic, --threads 1)."""
+@pytest.mark.parametrize("pipeline", ["optimized-fp32", "optimized-bf16", "baseline"])
+def test_resume_gives_bitwise_identical_losses_and_weights(tmp_path, pipeline):
+    """6 steps in one run == 3 steps, --stop-at, resume, 3 more (CPU, --deterministic, --threads 1), for the
+    default pipeline in fp32 and bf16 and for the baseline."""
     model, data = write_model(tmp_path), valid_head_tokens()
     whole, part = tmp_path / "whole", tmp_path / "part"
-    common = {"steps": 6, "warmup": 2, "lr": 2e-3, "eval_every": 2}
+    chosen = {"optimized-fp32": OPTIMIZED_FP32, "optimized-bf16": {}, "baseline": BASELINE}[pipeline]
+    common = {"steps": 6, "warmup": 2, "lr": 2e-3, "eval_every": 2, **chosen}
     assert run_cli(train_argv(model, data, whole, **common)).rc == 0
     assert run_cli(train_argv(model, data, part, stop_at=3, **common)).rc == 0
     # --stop-at 6 is given again because a plain --resume keeps the saved stop_at (see test_train_loop).

@@ -12,7 +12,7 @@ from anetrain.cli import main
 from anetrain.config import make_config
 from anetrain.formats import load_model, save_model
 from anetrain.params import ModelParams
-from conftest import shared_file
+from helpers.data import shared_file
 
 CONFIG_FIELDS = (
     "dim",

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anetrain.backends import compiled as C
-from anetrain.backends import fused as F
+from anetrain.backends import compiled, fused
 
 pytestmark = pytest.mark.skipif(
-    not C.available(torch.device("cpu"))[0],
-    reason=f"torch.compile unusable: {C.available(torch.device('cpu'))[1]}",
+    not compiled.available(torch.device("cpu"))[0],
+    reason=f"torch.compile unusable: {compiled.available(torch.device('cpu'))[1]}",
 )
 
 BF = torch.bfloat16
@@ -37,15 +36,15 @@ def test_norm_tap_and_residual_norm_tap():
     outs = [
         (torch.empty(B, S, D, dtype=BF), torch.empty(B, S, D, dtype=BF), torch.empty(B, S, 1)) for _ in "ab"
     ]
-    C.norm_tap(x, outs[0][0], g, 1e-5, outs[0][1], outs[0][2])
-    F.rmsnorm_forward_into(outs[1][1], outs[1][2], x, g, 1e-5, torch.empty(B, S, D))
+    compiled.norm_tap(x, outs[0][0], g, 1e-5, outs[0][1], outs[0][2])
+    fused.rmsnorm_forward_into(outs[1][1], outs[1][2], x, g, 1e-5, torch.empty(B, S, D))
     assert torch.equal(outs[0][0], x.to(BF))
     close16(outs[0][1], outs[1][1])
     torch.testing.assert_close(outs[0][2], outs[1][2])
     xa, xb = x.clone(), x.clone()
-    C.residual_norm_tap(xa, delta, 0.37, outs[0][0], g, 1e-5, outs[0][1], outs[0][2])
+    compiled.residual_norm_tap(xa, delta, 0.37, outs[0][0], g, 1e-5, outs[0][1], outs[0][2])
     xb.add_(delta.float(), alpha=0.37)
-    F.rmsnorm_forward_into(outs[1][1], outs[1][2], xb, g, 1e-5, torch.empty(B, S, D))
+    fused.rmsnorm_forward_into(outs[1][1], outs[1][2], xb, g, 1e-5, torch.empty(B, S, D))
     torch.testing.assert_close(xa, xb)
     assert torch.equal(outs[0][0], xb.to(BF))
     close16(outs[0][1], outs[1][1])
@@ -54,7 +53,7 @@ def test_norm_tap_and_residual_norm_tap():
 def _rope_tables():
     theta = 10000.0 ** (-torch.arange(0, DH, 2).float() / DH)
     ang = torch.arange(S).float()[:, None] * theta[None, :]
-    fq, fk = F.rope_tables(ang.cos(), ang.sin(), DH**-0.5)
+    fq, fk = fused.rope_tables(ang.cos(), ang.sin(), DH**-0.5)
     return fq, fk
 
 
@@ -67,10 +66,10 @@ def test_rope_split():
         torch.empty(B, HKV, S, DH, dtype=BF),
     ]
     want = [torch.empty_like(t) for t in got]
-    C.rope_split(
+    compiled.rope_split(
         *got, qkv, fq.real.contiguous(), fq.imag.contiguous(), fk.real.contiguous(), fk.imag.contiguous()
     )
-    F.rope_split_into(*want, qkv, (fq, fk), torch.empty(B, S, qkv.shape[-1]), torch.empty(B, S, H, DH))
+    fused.rope_split_into(*want, qkv, (fq, fk), torch.empty(B, S, qkv.shape[-1]), torch.empty(B, S, H, DH))
     for a, b in zip(got, want, strict=True):
         close16(a, b)
 
@@ -80,7 +79,7 @@ def test_masked_softmax():
     scores = rnd(B * HKV, r * S, S, dtype=BF)
     mask = torch.zeros(S, S).masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
     p = torch.empty_like(scores)
-    C.masked_softmax(p, scores, mask)
+    compiled.masked_softmax(p, scores, mask)
     want = torch.softmax(scores.float().unflatten(1, (r, S)) + mask, -1).flatten(1, 2)
     close16(p, want)
     assert not p.float().triu(1)[:S].any()  # nothing above the diagonal
@@ -90,12 +89,12 @@ def test_swiglu_and_its_backward():
     h13 = rnd(B * S, 2 * FF, dtype=BF)
     dg = rnd(B * S, FF, dtype=BF, seed=3)
     g1, g2 = torch.empty(B * S, FF, dtype=BF), torch.empty(B * S, FF, dtype=BF)
-    C.swiglu(g1, h13)
+    compiled.swiglu(g1, h13)
     want = torch.nn.functional.silu(h13[:, :FF].float()) * h13[:, FF:].float()
     close16(g1, want)
     a, b = torch.empty_like(h13), torch.empty_like(h13)
-    C.swiglu_backward(a, dg, h13)
-    F.swiglu_backward_into(b, dg, h13, g2)
+    compiled.swiglu_backward(a, dg, h13)
+    fused.swiglu_backward_into(b, dg, h13, g2)
     close16(a, b, ulps=4.0)  # the hand version rounds silu(h1) and dg*h3 to bf16 on the way
 
 
@@ -106,8 +105,8 @@ def test_cross_entropy_chunk():
     loss_a, loss_b = torch.zeros(()), torch.zeros(())
     da, db = torch.empty_like(logits), torch.empty_like(logits)
     da.copy_(logits)
-    C.cross_entropy_chunk(da, loss_a, targets, torch.tensor(0.25))
-    F.cross_entropy_chunk_into(
+    compiled.cross_entropy_chunk(da, loss_a, targets, torch.tensor(0.25))
+    fused.cross_entropy_chunk_into(
         db,
         loss_b,
         logits,
@@ -138,12 +137,12 @@ def test_norm_backward(residual):
     a, b = torch.empty(B, S, D), torch.zeros(B, S, D)
     sa = torch.empty(B, S, D, dtype=BF)
     if residual:
-        C.residual_norm_backward(a, dga, dres, dxn, x, rstd, g, 0.37, sa)
+        compiled.residual_norm_backward(a, dga, dres, dxn, x, rstd, g, 0.37, sa)
         b.copy_(dres)
     else:
-        C.norm_backward(a, dga, dxn, x, rstd, g)
+        compiled.norm_backward(a, dga, dxn, x, rstd, g)
     scratch = (torch.empty(B, S, D), torch.empty(B, S, D), torch.empty(B, S, D))
-    F.rmsnorm_backward_into(b, dgb, dxn, x, rstd, g, scratch, torch.empty(B, S, 1), torch.empty(D))
+    fused.rmsnorm_backward_into(b, dgb, dxn, x, rstd, g, scratch, torch.empty(B, S, 1), torch.empty(D))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dga, dgb, rtol=1e-5, atol=1e-5)
     if residual:
@@ -154,14 +153,14 @@ def test_accumulate():
     acc = rnd(33, 17)
     src = rnd(33, 17, dtype=BF, seed=1)
     want = acc + src.float()
-    C.accumulate(acc, src)
+    compiled.accumulate(acc, src)
     torch.testing.assert_close(acc, want)
 
 
 # ---- the optimized pipeline with compiled fusion -------------------------------------------------------
 def _pipeline_fixtures():
     """test_optimized's GQA config (8 query heads on 4 kv heads, alpha != 1, untied) and 22 windows."""
-    from test_optimized import CFG, windows
+    from helpers.pipelines import CFG, windows
 
     return CFG, windows(CFG, 22)
 
@@ -177,7 +176,7 @@ def test_compiled_fusion_gradients_match_the_baseline_and_hand_fusion(dtype, tol
     base = BaselinePipeline(p.clone())
     comp = OptimizedPipeline(p.clone(), dtype=dtype, fusion="compile")
     hand = OptimizedPipeline(p.clone(), dtype=dtype, fusion="hand")
-    assert (comp.fx.name, hand.fx.name) == ("compile", "hand")
+    assert (comp.fusion, hand.fusion) == ("compile", "hand")
     lb, lc, lh = (x.forward_backward(ws[0], 0.5) for x in (base, comp, hand))
     assert abs(lc - lb) / lb < (1e-6 if dtype == "fp32" else 2e-3)
     assert abs(lh - lb) / lb < (1e-6 if dtype == "fp32" else 2e-3)
@@ -194,17 +193,17 @@ def test_compiled_fusion_trains_like_the_reference_and_allocates_nothing():
     buffer (the compiled kernels write into the workspace)."""
     from anetrain.params import init_params
     from anetrain.pipeline.optimized import OptimizedPipeline
-    from test_optimized import _allocations, _train, _train_reference
+    from helpers.pipelines import allocations, train_reference, train_steps
 
     cfg, ws = _pipeline_fixtures()
     p = init_params(cfg, seed=2)
-    ref = _train_reference(cfg, p, ws, 11)
+    ref = train_reference(cfg, p, ws, 11)
     pipe = OptimizedPipeline(p.clone(), dtype="fp32", fusion="compile")
-    losses = _train(pipe, cfg, ws, 11)
+    losses = train_steps(pipe, cfg, ws, 11)
     assert abs(losses[-1] - ref[-1]) / ref[-1] < 1e-5
     bf = OptimizedPipeline(p.clone(), dtype="bf16", fusion="compile", dw="serial")
     bf.forward_backward(ws[0])
-    sizes = _allocations(lambda: (bf.forward_backward(ws[1]), bf.loss(ws[2])))
+    sizes = allocations(lambda: (bf.forward_backward(ws[1]), bf.loss(ws[2])))
     assert max(sizes, default=0) <= 8, sorted(sizes)[-5:]
 
 
@@ -217,10 +216,10 @@ def test_fusion_choice_auto_hand_compile_and_a_clear_refusal(monkeypatch):
         fusion.choose("auto", cpu)[0].name == "hand"
     )  # measured no faster on CPU (fusion.choose's docstring)
     assert fusion.choose("compile", cpu)[0].name == "compile"
-    monkeypatch.setattr(C, "available", lambda device: (False, "no C++ compiler on PATH"))
+    monkeypatch.setattr(compiled, "available", lambda device: (False, "no C++ compiler on PATH"))
     with pytest.raises(ConfigError, match="--fusion compile: no C\\+\\+ compiler"):
         fusion.choose("compile", cpu)
-    fx, note = fusion.choose("auto", torch.device("cuda"))
-    assert fx.name == "hand" and "unavailable" in note
+    elementwise, note = fusion.choose("auto", torch.device("cuda"))
+    assert elementwise.name == "hand" and "unavailable" in note
     with pytest.raises(ConfigError, match="unknown fusion"):
         fusion.choose("jit", cpu)

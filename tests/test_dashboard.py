@@ -16,8 +16,8 @@ import pytest
 from anetrain.commands import dashboard as dashboard_command
 from anetrain.errors import InputError
 from anetrain.ui.dashboard import DashboardApp, Panel, run_dashboard, screenshot
-from conftest import REPO, shared_file
-from test_ui_fixtures import SAMPLE_TEXT, RunWriter, best_train, make_run
+from helpers.data import REPO, shared_file
+from helpers.run_dir import SAMPLE_TEXT, RunWriter, best_train, make_run
 
 PANEL_TITLES = ("Loss", "Training stats", "Step phases (ms)", "System", "Generated text", "Log")
 
@@ -192,7 +192,6 @@ def tiny_checkpoint(run_dir: Path, tokenizer: Path) -> None:
 
 
 def test_g_on_a_finished_run_generates_from_the_newest_checkpoint(tmp_path: Path) -> None:
-    pytest.importorskip("anetrain.generate", reason="anetrain.generate is not there yet")
     tokenizer = shared_file("tok512.model")
     make_run(tmp_path / "run", steps_done=40, total=40, finished=True)
     tiny_checkpoint(tmp_path / "run", tokenizer)

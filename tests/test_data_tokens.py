@@ -9,7 +9,9 @@ import pytest
 from anetrain.data.sampler import Drand48Sampler, RandomSampler
 from anetrain.data.tokens import open_tokens
 from anetrain.rng import Drand48
-from test_train_fixtures import (
+from anetrain.tokenizer import load_tokenizer
+from helpers.data import shared_file
+from helpers.train import (
     SEQ,
     drand48_positions,
     error_line,
@@ -17,7 +19,6 @@ from test_train_fixtures import (
     resume_argv,
     run_cli,
     scalar_drand48,
-    shared_file,
     train_argv,
     training_positions,
     valid_head_tokens,
@@ -104,11 +105,8 @@ def test_sidecar_token_count_mismatch_is_refused(tmp_path):
 
 
 def test_sidecar_of_another_tokenizer_is_refused_and_the_right_one_accepted(tmp_path):
-    tokenizer = pytest.importorskip(
-        "anetrain.tokenizer", reason="the tokenizer package is not importable yet"
-    )
     tok = shared_file("tok512.model")
-    fingerprint = tokenizer.load_tokenizer(tok).fingerprint()
+    fingerprint = load_tokenizer(tok).fingerprint()
     model = write_model(tmp_path)
     other = write_tokens(
         tmp_path / "other.bin",

@@ -15,7 +15,7 @@ from anetrain.distributed import DistributedError, World, init_world, launched_b
 from anetrain.errors import ConfigError
 from anetrain.telemetry.report import build_report, format_report
 from anetrain.train import TrainOptions, load_resume_options
-from test_train_fixtures import error_line, run_cli, train_argv, valid_head_tokens, write_model
+from helpers.train import error_line, run_cli, train_argv, valid_head_tokens, write_model
 
 N, SEQ, BATCH = 20000, 16, 3
 TOKENS = np.arange(N)  # token value = position, so a window's first token is its start

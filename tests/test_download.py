@@ -16,7 +16,7 @@ import pytest
 from anetrain.cli import main
 from anetrain.data import download as D
 from anetrain.errors import AnetrainError
-from conftest import shared_file
+from helpers.data import shared_file
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):

@@ -15,7 +15,7 @@ from anetrain.formats.llama2c import rope_tables, v0_file_size
 from anetrain.formats.q80 import dequantize_q80, q80_group_size, quantize_q80
 from anetrain.params import ModelParams
 from anetrain.reference import ReferenceModel
-from conftest import shared_file
+from helpers.data import shared_file
 
 GQA = make_config(dim=16, hidden_dim=24, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32, seq_len=8)
 

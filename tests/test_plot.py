@@ -12,7 +12,7 @@ from matplotlib.image import imread
 from anetrain.commands import plot as plot_command
 from anetrain.errors import InputError
 from anetrain.ui.plot import plot_runs
-from test_ui_fixtures import RunWriter, make_run
+from helpers.run_dir import RunWriter, make_run
 
 
 def image_stats(path: Path) -> tuple[tuple[int, int], int, float]:

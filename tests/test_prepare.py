@@ -9,12 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from test_train_fixtures import error_line, run_cli, shared_file, train_argv, write_model
-
-tokenizer_package = pytest.importorskip(
-    "anetrain.tokenizer", reason="the tokenizer package (anetrain.tokenizer) is not importable yet"
-)
-load_tokenizer = tokenizer_package.load_tokenizer
+from anetrain.tokenizer import load_tokenizer
+from helpers.data import shared_file
+from helpers.train import error_line, run_cli, train_argv, write_model
 
 
 def _stories() -> list[str]:

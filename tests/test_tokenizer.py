@@ -27,7 +27,7 @@ from anetrain.tokenizer import (
     read_tokenizer_bin,
     write_tokenizer_bin,
 )
-from conftest import shared_file
+from helpers.data import shared_file
 
 # llama2.c test.c: (text, ids) with the Llama-2 tokenizer.bin, bos=1, eos=0.
 # fmt: off

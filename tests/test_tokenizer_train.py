@@ -14,7 +14,7 @@ from anetrain.cli import main
 from anetrain.errors import AnetrainError, InputError
 from anetrain.tokenizer import export_tokenizer_bin, load_tokenizer, train_tokenizer
 from anetrain.tokenizer.corpus import read_documents, split_documents
-from conftest import shared_file
+from helpers.data import shared_file
 
 
 @pytest.fixture(scope="module")

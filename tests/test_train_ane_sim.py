@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from test_train_fixtures import error_line, records, run_cli, train_argv, valid_head_tokens, write_model
+from helpers.train import error_line, records, run_cli, train_argv, valid_head_tokens, write_model
 
 # stories260K's structure (GQA 8/4, head_dim 8 and hidden 172: both padded for the ANE), 2 layers
 MODEL = {"dim": 64, "hidden_dim": 172, "n_heads": 8, "n_kv_heads": 4, "n_layers": 2, "seq_len": 64}

@@ -14,7 +14,7 @@ import pytest
 
 from anetrain.cli import build_parser, main
 from anetrain.train import TrainOptions
-from test_train_fixtures import error_line, run_cli, train_argv, valid_head_tokens, write_model
+from helpers.train import error_line, run_cli, train_argv, valid_head_tokens, write_model
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:

@@ -11,7 +11,8 @@ import pytest
 from anetrain.checkpoint import find_checkpoint, verify_checkpoint
 from anetrain.config import PRESETS, make_config
 from anetrain.telemetry.flops import training_flops_per_sequence
-from test_train_fixtures import (
+from helpers.train import (
+    BASELINE,
     BATCH,
     SEQ,
     TINY,
@@ -74,7 +75,8 @@ def test_run_record_describes_the_run(telemetry_run):
     cfg = make_config(**{**TINY, "name": "tiny"})
     assert run["model"] == cfg.to_dict()
     assert run["params"] == cfg.param_count()
-    assert (run["pipeline"], run["precision"], run["backend"]) == ("baseline", "fp32", "cpu")
+    labels = ("pipeline", "precision", "backend", "fusion")
+    assert tuple(run[k] for k in labels) == ("optimized", "bf16", "cpu", "hand")
     assert (run["batch"], run["seq"], run["accum"], run["steps"], run["start_step"]) == (BATCH, SEQ, 1, 6, 0)
     assert run["tokens_per_step"] == BATCH * SEQ
     assert run["flops_per_step"] == training_flops_per_sequence(cfg, SEQ) * BATCH
@@ -139,7 +141,7 @@ def test_efficiency_report(telemetry_run):
 def test_config_json_records_model_and_options(telemetry_run):
     doc = json.loads((telemetry_run / "config.json").read_text("utf-8"))
     assert doc["model"]["dim"] == 32
-    assert doc["train"]["steps"] == 6 and doc["train"]["pipeline"] == "baseline"
+    assert doc["train"]["steps"] == 6 and doc["train"]["pipeline"] == "optimized"
     assert doc["data"] == str(valid_head_tokens().resolve())
 
 
@@ -275,7 +277,7 @@ def test_compact_vocab_trains_and_the_report_says_the_loss_is_compacted(tmp_path
         tmp_path / "r",
         steps=3,
         compact_vocab=True,
-        pipeline=pipeline,
+        **(BASELINE if pipeline == "baseline" else {}),
     )
     res = run_cli(argv)
     assert res.rc == 0, res.err

@@ -25,7 +25,7 @@ from anetrain.ui.sysmon import (
     parse_powermetrics,
     run_quietly,
 )
-from test_ui_fixtures import RunWriter, best_train, fixture_loss, make_run
+from helpers.run_dir import PHASE_MS, TOKENS_PER_STEP, RunWriter, best_train, fixture_loss, make_run
 
 # ---- the follower -----------------------------------------------------------------------------------
 
@@ -294,3 +294,18 @@ def test_power_reader_turns_itself_off_after_a_failure() -> None:
     reader.available, reader._read = True, lambda: None  # a source that gives no reading
     assert reader.read() is None
     assert not reader.available
+
+
+# ---- the fixture builder -----------------------------------------------------------------------------
+
+
+def test_fixture_run_reads_back_with_the_contract_fields(tmp_path: Path) -> None:
+    make_run(tmp_path / "r", steps_done=120, total=1000)
+    records = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    kinds = [r["type"] for r in records]
+    assert kinds.count("step") == 120
+    assert kinds.count("eval") == 2
+    assert kinds[0] == "run"
+    step = next(r for r in records if r["type"] == "step")
+    assert set(PHASE_MS) <= set(step["phases"])
+    assert step["tokens"] == TOKENS_PER_STEP

@@ -10,7 +10,7 @@ import pytest
 from anetrain.errors import AnetrainError
 from anetrain.ui.metrics import read_metrics
 from anetrain.ui.trackers import make_trackers, record_scalars
-from test_ui_fixtures import make_run
+from helpers.run_dir import make_run
 
 
 def test_record_scalars_maps_every_kind() -> None:

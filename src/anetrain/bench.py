@@ -35,7 +35,7 @@ from .errors import AnetrainError
 from .fsutil import atomic_write_text
 from .optim import AdamW, OptimizerConfig, clip_divisor, global_grad_norm
 from .params import init_params
-from .pipeline.factory import PipelineChoice, cpu_has_bf16, make_pipeline, resolve_device
+from .pipeline_factory import PipelineChoice, cpu_has_bf16, make_pipeline, resolve_device
 from .reference import ReferenceModel
 from .telemetry.flops import training_flops_per_sequence
 from .telemetry.peak import _cpu_name, peak_tflops

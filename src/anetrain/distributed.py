@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import AnetrainError
+from .pipeline.base import Pipeline
 
 T = TypeVar("T")
 
@@ -295,20 +296,18 @@ class GradSync:
 
     Per step: :meth:`arm` before each micro-step (``True`` on the last one of the accumulation window only),
     then :meth:`finish` before anything reads the gradients. With a pipeline that announces finished buckets
-    (``grad_ready_hook``), each bucket's all-reduce starts on the dW executor the moment it is complete;
+    (``announces_buckets``), each bucket's all-reduce starts on the dW executor the moment it is complete;
     otherwise (e.g. ``--dw-device``, whose gradients arrive only at the end) the whole buffer is all-reduced
-    in :meth:`finish`. The all-reduced values are identical on every rank, so the gradient norm, clipping, the
-    fp16 overflow decision and the update are too, and the weights stay in sync.
+    in :meth:`finish`. The all-reduced values are identical on every rank, so the gradient norm, clipping,
+    the fp16 overflow decision and the update are too, and the weights stay in sync. For a single process it
+    does nothing.
     """
 
-    def __init__(self, world: World, pipe: Any) -> None:
-        from .pipeline.dw import DeviceDW
-
+    def __init__(self, world: World, pipe: Pipeline) -> None:
         self.world = world
         self.grads: torch.Tensor = pipe.grads.flat
-        self.overlap = hasattr(pipe, "grad_ready_hook") and not isinstance(
-            getattr(pipe, "dw", None), DeviceDW
-        )
+        #: all-reduces start during the backward (else the whole buffer is all-reduced after it)
+        self.overlap = world.active and pipe.announces_buckets
         if self.overlap:
             pipe.grad_ready_hook = self._on_ready
         self._armed = False

@@ -41,6 +41,7 @@ from .. import kernels as K
 from ..data.compaction import VocabCompaction, compacted
 from ..errors import ConfigError
 from ..params import LayerParams, ModelParams
+from ..pipeline.base import GradReadyHook
 from ..pipeline.dw import SerialDW, ThreadDW
 from ..timing import PhaseTimes
 from .machine import resolve_sim_chip
@@ -99,7 +100,10 @@ class AneSimPipeline:
     name = "ane-sim"
     backend = "ane-sim"
     precision = "fp16"
+    fusion = None
     needs_loss_scaling = True
+    #: the dW jobs run per projection, not per layer bucket: the all-reduce waits for the whole backward
+    announces_buckets = False
 
     def __init__(
         self,
@@ -134,11 +138,12 @@ class AneSimPipeline:
         self.compaction = compaction
         self.loss_chunk = loss_chunk
         self._compiled: dict[int, _Compiled] = {}
+        self.grad_ready_hook: GradReadyHook | None = None  # never called (announces_buckets is False)
         if seq is not None:
             self._for_seq(seq)
 
     @property
-    def description(self) -> str:
+    def note(self) -> str:  # type: ignore[override]
         """The ANE settings in a few words, for the run's log."""
         return (
             f"ANE programs: {self.programs} ({self.inputs} inputs), chip {self.chip} ({self.chip_note}), "
@@ -155,10 +160,10 @@ class AneSimPipeline:
         return self._compiled[seq]
 
     def warmup(self, batch: int, seq: int) -> None:
-        """Build this sequence length's programs (refusing any over the chip's limits) and load (compile)
-        each on the executor, before the first step."""
+        """Build this sequence length's programs (refusing any over the chip's limits), stage the weights
+        into them and load (compile) each on the executor, before the first step."""
         c = self._for_seq(seq)
-        load = getattr(self.executor, "load", None)
+        load = getattr(self.executor, "load", None)  # executors are duck-typed: the simulator, runtimes
         if load is not None:
             for program in c.kernels:
                 load(program)

@@ -188,6 +188,10 @@ class Drand48Sampler:
         self.rng = Drand48(42 + self.drawn)
 
 
+#: any of the samplers (they offer the same methods)
+WindowSampler = RandomSampler | Drand48Sampler
+
+
 def make_sampler(
     kind: str,
     tokens: np.ndarray,
@@ -197,7 +201,7 @@ def make_sampler(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
-) -> RandomSampler | Drand48Sampler:
+) -> WindowSampler:
     """The ``--sampler`` for this rank of a job of ``world_size`` ranks."""
     if kind == "drand48":
         return Drand48Sampler(tokens, n_train, seq, batch, rank=rank, world_size=world_size)

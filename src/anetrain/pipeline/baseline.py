@@ -18,14 +18,13 @@ Gradients accumulate into ``self.grads`` (float32 or float64, the same layout as
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from .. import kernels as K
 from ..data.compaction import VocabCompaction, compacted
 from ..params import ModelParams
 from ..timing import PhaseTimes
+from .base import GradReadyHook, precision_of
 from .dw import SerialDW, ThreadDW
 
 
@@ -33,7 +32,10 @@ class BaselinePipeline:
     """Implements :class:`anetrain.pipeline.base.Pipeline` with the plain kernels."""
 
     name = "baseline"
+    fusion = None
+    note = ""
     needs_loss_scaling = False
+    announces_buckets = True
 
     def __init__(
         self,
@@ -51,8 +53,9 @@ class BaselinePipeline:
         self.loss_chunk = loss_chunk
         self.times = PhaseTimes()
         self.compute_dtype = params.flat.dtype
-        #: see OptimizedPipeline.grad_ready_hook
-        self.grad_ready_hook: Callable[[torch.Tensor], None] | None = None
+        self.backend = params.flat.device.type
+        self.precision = precision_of(params.flat.dtype)
+        self.grad_ready_hook: GradReadyHook | None = None
         self._buckets = self.grads.buckets()
         self._rope = K.Rope.build(
             self.cfg.seq_len, self.cfg.head_dim, self.cfg.rope_theta, params.flat.dtype, params.flat.device
@@ -65,6 +68,9 @@ class BaselinePipeline:
                 s, self.cfg.head_dim, self.cfg.rope_theta, self.compute_dtype, self.params.flat.device
             )
         return self._rope
+
+    def warmup(self, batch: int, seq: int) -> None:
+        """Nothing to allocate or compile: every step allocates what it needs."""
 
     def after_update(self) -> None:
         """Called after the optimizer changed ``params`` (nothing is cached here)."""

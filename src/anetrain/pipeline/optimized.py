@@ -8,8 +8,9 @@ What differs from the baseline, and why:
   gradients accumulate in fp32.
 * **16-bit taps.** Every activation kept for the backward is stored in the compute dtype.
 * **Buffers allocated once.** All activations, taps, gradients and scratch live in a workspace made for the
-  first (batch, seq) shape; every operation writes into it (``out=``), so a steady-state 16-bit step does not
-  call the allocator (tests check this with torch's profiler). The fp32 path's products come from oneDNN,
+  first (batch, seq) shape, a typed buffer set whose every tensor is declared with its shape
+  (``pipeline/workspace.py``); every operation writes into it (``out=``), so a steady-state 16-bit step does
+  not call the allocator (tests check this with torch's profiler). The fp32 path's products come from oneDNN,
   which returns new tensors (``backends/gemm.py``).
 * **No zeroing pass.** ``zero_grad`` marks the gradients stale; the next micro-step's dW products overwrite
   them instead of adding (see :meth:`OptimizedPipeline.zero_grad`).
@@ -20,72 +21,35 @@ What differs from the baseline, and why:
   stream on CUDA, or another device (``dw_device``). Each layer's dW operands have their own buffers, so the
   worker never races the dx path.
 * **Fused elementwise work**, hand-fused (``anetrain.backends.fused``) or one ``torch.compile``'d kernel per
-  stretch between two GEMMs (``anetrain.backends.compiled``), behind one interface (``backends/fusion.py``):
-  RMSNorm with the residual add and the taps, RoPE with the head transpose and the query scale folded in,
-  grouped-GEMM attention for GQA, SwiGLU, and a chunked cross-entropy that never holds fp32 logits for more
-  than ``loss_chunk`` rows.
+  stretch between two GEMMs (``anetrain.backends.compiled``), behind one interface (``backends/fusion.py``,
+  whose methods read a typed scratch set of their own): RMSNorm with the residual add and the taps, RoPE
+  with the head transpose and the query scale folded in, grouped-GEMM attention for GQA, SwiGLU, and a
+  chunked cross-entropy that never holds fp32 logits for more than ``loss_chunk`` rows.
 * **Fused optimizer.** AdamW is torch's fused multi-tensor kernel over two flat tensors (``anetrain.optim``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from .. import kernels as K
-from ..backends import fused as F
+from ..backends import fused
 from ..backends.fusion import choose as choose_fusion
 from ..backends.gemm import MatMul, blas_threads, torch_matmul
 from ..backends.gemm import choose as choose_gemm
 from ..data.compaction import VocabCompaction
-from ..kernels.rope import Rope
 from ..params import ModelParams
 from ..timing import PhaseTimes
+from .base import GradReadyHook
 from .dw import DeviceDW, SerialDW, StreamDW, ThreadDW
+from .workspace import LayerBuffers, Workspace, block_rows, make_workspace, workspace_dims
 
 #: acc (fp32) += src (16-bit), with a flat fp32 scratch buffer (see ``HandFusion.accumulate``)
 Accumulate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@dataclass
-class LayerBuffers:
-    """Per-layer taps and dW operands (all [B, S, ...] unless noted)."""
-
-    x: torch.Tensor  # [B, S, D]       layer input (cdt)
-    rstd1: torch.Tensor  # [B, S, 1]   fp32
-    xn: torch.Tensor  # [B, S, D]      normalized input: dW of qkv
-    q: torch.Tensor  # [B, H, S, dh]   rotated, pre-scaled
-    k: torch.Tensor  # [B, Hkv, S, dh] rotated
-    v: torch.Tensor  # [B, Hkv, S, dh]
-    p: torch.Tensor  # [B*Hkv, R*S, S] attention probabilities
-    attn: torch.Tensor  # [B, S, Dq]   dW of wo
-    x2: torch.Tensor  # [B, S, D]      FFN input
-    rstd2: torch.Tensor  # [B, S, 1]
-    xn2: torch.Tensor  # [B, S, D]     dW of w13
-    h13: torch.Tensor  # [B, S, 2F]
-    g: torch.Tensor  # [B, S, F]       dW of w2
-    df: torch.Tensor  # [B, S, D]      dW operand (alpha * dy)
-    dh13: torch.Tensor  # [B, S, 2F]   dW operand
-    do: torch.Tensor  # [B, S, D]      dW operand (alpha * dx2)
-    dqkv: torch.Tensor  # [B, S, Dq+2Dkv] dW operand
-
-
-@dataclass
-class Workspace:
-    batch: int
-    seq: int
-    layers: list[LayerBuffers]
-    scratch: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        try:
-            return self.__dict__["scratch"][name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 class OptimizedPipeline:
@@ -108,33 +72,37 @@ class OptimizedPipeline:
         self.cfg = params.cfg
         self.params = params  # fp32 master
         self.device = params.flat.device
+        self.backend = self.device.type
         self.precision = dtype
-        self.cdt = DTYPES[dtype]
+        self.compute_dtype = DTYPES[dtype]
         self.needs_loss_scaling = dtype == "fp16"
         # fp32 products on the CPU go through oneDNN (else numpy; backends/gemm.py), 16-bit ones through torch
-        self.blas, self.mm = choose_gemm(self.cdt, self.device, blas)
+        self.blas, self.mm = choose_gemm(self.compute_dtype, self.device, blas)
         self.grads = params.like()
         self._overwrite = False  # see zero_grad()
         # elementwise work: hand-fused operators or torch.compile'd kernels (backends/fusion.py)
-        self.fx, self.fusion_note = choose_fusion(fusion, self.device)
+        self.elementwise, self.note = choose_fusion(fusion, self.device)
+        self.fusion = self.elementwise.name
         self.times = PhaseTimes()
         self.compaction = compaction
         self.loss_chunk = loss_chunk or 64
-        self.backend = self.device.type
         # the compute copy of the weights (the master itself in fp32), and the compacted classifier's rows
-        self.w = params if self.cdt == torch.float32 else params.like(self.cdt)
+        self.w = params if self.compute_dtype == torch.float32 else params.like(self.compute_dtype)
         self.w_cls: torch.Tensor = self.w.classifier
+        self._ids: torch.Tensor | None = None  # compacted classifier rows -> vocabulary ids
+        self._full_to_compact: torch.Tensor | None = None  # vocabulary ids -> compacted rows
         if compaction is not None:
             self._ids = compaction.ids.to(self.device)
             self._full_to_compact = compaction.full_to_compact.to(self.device)
-            self.w_cls = torch.empty(self._ids.numel(), self.cfg.dim, dtype=self.cdt, device=self.device)
+            self.w_cls = torch.empty(
+                self._ids.numel(), self.cfg.dim, dtype=self.compute_dtype, device=self.device
+            )
         self.after_update()
         self.ws: Workspace | None = None
-        #: called with each gradient bucket (``grads.buckets()``, last layer first) once its gradients for
-        #: this micro-step are complete, on the dW executor; the distributed wrapper starts all-reduces there
-        self.grad_ready_hook: Callable[[torch.Tensor], None] | None = None
+        self.grad_ready_hook: GradReadyHook | None = None
         self._buckets = self.grads.buckets()
         cpu_threads = torch.get_num_threads()
+        self.dw: SerialDW | ThreadDW | StreamDW | DeviceDW
         if dw_device is not None and torch.device(dw_device) != self.device:
             self.dw = DeviceDW(torch.device(dw_device), self.device)
         elif self.device.type == "cuda":
@@ -146,6 +114,9 @@ class OptimizedPipeline:
             self.dw = SerialDW()
         else:
             self.dw = ThreadDW(threads=max(1, cpu_threads // 2))
+        # another device accumulates the gradients elsewhere and hands them over at the end of the backward:
+        # no bucket is complete in ``grads`` before that, so none is announced
+        self.announces_buckets = not isinstance(self.dw, DeviceDW)
         # during the backward the main thread leaves the other half of the cores to the dW worker
         self.backward_threads = (
             max(1, cpu_threads - cpu_threads // 2) if isinstance(self.dw, ThreadDW) else cpu_threads
@@ -156,7 +127,7 @@ class OptimizedPipeline:
         """Refresh the 16-bit weights (one cast over the flat buffer) and the compacted classifier."""
         if self.w is not self.params:
             self.w.flat.copy_(self.params.flat)
-        if self.compaction is not None:
+        if self._ids is not None:
             torch.index_select(self.w.classifier, 0, self._ids, out=self.w_cls)
 
     def zero_grad(self) -> None:
@@ -186,122 +157,16 @@ class OptimizedPipeline:
         self.zero_grad()
         self.times.reset()
 
-    # ---- workspace -------------------------------------------------------------------------------
-    def _workspace(self, b: int, s: int) -> Workspace:
-        if self.ws is not None and (self.ws.batch, self.ws.seq) == (b, s):
-            return self.ws
-        c = self.cfg
-        d, f, h, hkv, dh = c.dim, c.hidden_dim, c.n_heads, c.n_kv_heads, c.head_dim
-        dqkv = c.q_dim + 2 * c.kv_dim
-        r = h // hkv
-        n = b * s
-        cdt, f32, dev = self.cdt, torch.float32, self.device
-
-        def e(*shape: int, dtype: torch.dtype = cdt) -> torch.Tensor:
-            return torch.empty(*shape, dtype=dtype, device=dev)
-
-        layers = [
-            LayerBuffers(
-                x=e(b, s, d),
-                rstd1=e(b, s, 1, dtype=f32),
-                xn=e(b, s, d),
-                q=e(b, h, s, dh),
-                k=e(b, hkv, s, dh),
-                v=e(b, hkv, s, dh),
-                p=e(b * hkv, r * s, s),
-                attn=e(b, s, c.q_dim),
-                x2=e(b, s, d),
-                rstd2=e(b, s, 1, dtype=f32),
-                xn2=e(b, s, d),
-                h13=e(b, s, 2 * f),
-                g=e(b, s, f),
-                df=e(b, s, d),
-                dh13=e(b, s, 2 * f),
-                do=e(b, s, d),
-                dqkv=e(b, s, dqkv),
+    def _workspace(self, batch: int, seq: int) -> Workspace:
+        """The workspace for [batch, seq] micro-batches (made anew when the shape changes)."""
+        if self.ws is None or (batch, seq) != (self.ws.dims.B, self.ws.dims.S):
+            self.ws = None  # the old one's memory is free before the new one is made
+            dims = workspace_dims(self.cfg, batch, seq, self.w_cls.shape[0], self.loss_chunk)
+            self.ws = make_workspace(
+                self.cfg, dims, self.compute_dtype, self.device, self.elementwise, self.compaction is not None
             )
-            for _ in range(c.n_layers)
-        ]
-        vc = self.w_cls.shape[0]
-        chunk = min(self.loss_chunk, n)
-        rope = Rope.build(max(s, c.seq_len), dh, c.rope_theta, f32, dev)
-        scale = 1.0 / dh**0.5
-        fq, fk = F.rope_tables(rope.cos[:s], rope.sin[:s], scale)
-        scratch = {
-            "tokens": torch.empty(n, dtype=torch.long, device=dev),
-            "targets": torch.empty(n, dtype=torch.long, device=dev),
-            "x": e(b, s, d, dtype=f32),  # the residual stream
-            "tmp": e(b, s, d, dtype=f32),
-            "tmp2": e(b, s, d, dtype=f32),
-            "tmp3": e(b, s, d, dtype=f32),
-            "proj": e(b, s, 1, dtype=f32),
-            "dg_tmp": e(d, dtype=f32),
-            "qkv": e(b, s, dqkv),
-            "rot32": e(b, s, h, dh, dtype=f32),
-            "d32": e(b, s, h, dh, dtype=f32),
-            "targets_full": torch.empty(n, dtype=torch.long, device=dev),
-            "scores": e(b * hkv, r * s, s),
-            "out": e(b, h, s, dh),
-            "o": e(b, s, d),
-            "f": e(b, s, d),
-            "xL": e(b, s, d),
-            "rstdf": e(b, s, 1, dtype=f32),
-            "xf": e(b, s, d),
-            "loss": e((), dtype=f32),
-            "grad_scale": e((), dtype=f32),
-            "dlogits": e(n, vc),
-            "dxf": e(b, s, d),
-            "dy": e(b, s, d, dtype=f32),
-            "dx2": e(b, s, d, dtype=f32),
-            "dg": e(b, s, f),
-            "gtmp": e(b, s, f),
-            "dxn": e(b, s, d),
-            "dattn": e(b, s, c.q_dim),
-            "dout": e(b, h, s, dh),
-            "dp": e(b * hkv, r * s, s),
-            "ds": e(b * hkv, r * s, s),
-            "dq": e(b, h, s, dh),
-            "dk": e(b, hkv, s, dh),
-            "dv": e(b, hkv, s, dh),
-            "mask": torch.zeros(s, s, device=dev).masked_fill(
-                torch.ones(s, s, dtype=torch.bool, device=dev).triu(1), float("-inf")
-            ),
-            "fq": fq,
-            "fk": fk,
-            "fq_conj": fq.conj().resolve_conj(),
-            "fk_conj": fk.conj().resolve_conj(),
-            # the same rotations as real cos/sin tables [S, 1, dh/2] (q's scaled), for the compiled kernels
-            "cos_q": fq.real.contiguous(),
-            "sin_q": fq.imag.contiguous(),
-            "cos_k": fk.real.contiguous(),
-            "sin_k": fk.imag.contiguous(),
-            # dW products in the compute dtype, one per shape (only the dW executor touches these)
-            "mm_qkv": e(dqkv, d),
-            "mm_wo": e(d, c.q_dim),
-            "mm_w13": e(2 * f, d),
-            "mm_w2": e(d, f),
-            # the classifier's product is formed a block of rows at a time (_weight_grad), to keep it small
-            "mm_cls": e(_block_rows(vc, d), d),
-        }
-        hand = self.fx.name == "hand"  # scratch only the hand-fused operators use
-        scratch["acc_scratch"] = e(min(1 << 20, max(vc, 2 * f) * d) if hand else 1, dtype=f32)
-        if hand:
-            scratch |= {
-                "qkv32": e(b, s, dqkv, dtype=f32),
-                "scores32": e(b * hkv, r * s, s, dtype=f32),
-                "probs": e(chunk, vc, dtype=f32),
-                "picked": e(chunk, 1, dtype=f32),
-                "picked_sum": e((), dtype=f32),
-                "flat_idx": e(chunk, dtype=torch.long),
-                "row_base": torch.arange(chunk, device=dev) * vc,
-                "minus_one": torch.full((chunk,), -1.0, device=dev),
-            }
-        if self.compaction is not None:
-            scratch["cls_grad"] = e(vc, d, dtype=f32)
-        self.ws = Workspace(b, s, layers, scratch)
         return self.ws
 
-    # ---- dW jobs (run by the executor) ---------------------------------------------------------------
     # ---- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def loss(self, window: torch.Tensor) -> float:
@@ -333,36 +198,34 @@ class OptimizedPipeline:
         return float(loss)
 
     def _forward(self, window: torch.Tensor, ws: Workspace) -> None:
-        cfg, w, p32, mm = self.cfg, self.w, self.params, self.mm
+        cfg, w, p32, mm, elem, s = self.cfg, self.w, self.params, self.mm, self.elementwise, ws.scratch
         alpha, eps = cfg.residual_scale, cfg.norm_eps
-        b, s = ws.batch, ws.seq
-        n = b * s
-        ws.tokens.view(b, s).copy_(window[:, :-1])
-        if self.compaction is None:
-            ws.targets.view(b, s).copy_(window[:, 1:])
+        b, seq, n = ws.dims.B, ws.dims.S, ws.dims.N
+        ws.tokens.view(b, seq).copy_(window[:, :-1])
+        if self._full_to_compact is None:
+            ws.targets.view(b, seq).copy_(window[:, 1:])
         else:
-            ws.targets_full.view(b, s).copy_(window[:, 1:])
+            ws.targets_full.view(b, seq).copy_(window[:, 1:])
             torch.index_select(self._full_to_compact, 0, ws.targets_full, out=ws.targets)
         x = ws.x
         torch.index_select(p32.embedding, 0, ws.tokens, out=x.view(n, -1))  # fp32 rows of the master table
-        fx = self.fx
         # each block's output joins the residual inside the next norm step (delta: None before the first)
         delta: torch.Tensor | None = None
         for lw, lp, lb in zip(w.layers, p32.layers, ws.layers, strict=True):
             # attention block: x += alpha f; tap x; xn = RMSNorm(x); qkv; RoPE; attention
-            fx.norm_tap(x, delta, alpha, lb.x, lp.attention_norm, eps, lb.xn, lb.rstd1, ws)
+            elem.norm_tap(x, delta, alpha, lb.x, lp.attention_norm, eps, lb.xn, lb.rstd1, s)
             mm(lb.xn.view(n, -1), lw.qkv.t(), ws.qkv.view(n, -1))
-            fx.rope_split(lb.q, lb.k, lb.v, ws.qkv, ws)
+            elem.rope_split(lb.q, lb.k, lb.v, ws.qkv, s)
             self._attention_forward(ws, lb)
-            lb.attn.view(b, s, cfg.n_heads, -1).copy_(ws.out.transpose(1, 2))
+            lb.attn.view(b, seq, cfg.n_heads, -1).copy_(ws.out.transpose(1, 2))
             mm(lb.attn.view(n, -1), lw.wo.t(), ws.o.view(n, -1))
             # FFN block: x += alpha o; tap x2; xn2 = RMSNorm(x2); h13; SwiGLU; f
-            fx.norm_tap(x, ws.o, alpha, lb.x2, lp.ffn_norm, eps, lb.xn2, lb.rstd2, ws)
+            elem.norm_tap(x, ws.o, alpha, lb.x2, lp.ffn_norm, eps, lb.xn2, lb.rstd2, s)
             mm(lb.xn2.view(n, -1), lw.w13.t(), lb.h13.view(n, -1))
-            fx.swiglu(lb.g, lb.h13)
+            elem.swiglu(lb.g, lb.h13)
             mm(lb.g.view(n, -1), lw.w2.t(), ws.f.view(n, -1))
             delta = ws.f
-        fx.norm_tap(x, delta, alpha, ws.xL, p32.final_norm, eps, ws.xf, ws.rstdf, ws)
+        elem.norm_tap(x, delta, alpha, ws.xL, p32.final_norm, eps, ws.xf, ws.rstdf, s)
 
     def _attention_forward(self, ws: Workspace, lb: LayerBuffers) -> None:
         """out = softmax(q k^T + M) v for all heads, keeping P (16-bit) for the backward.
@@ -375,7 +238,7 @@ class OptimizedPipeline:
         b, _, s, dh = lb.q.shape
         g = b * lb.k.shape[1]
         self.mm(lb.q.view(g, -1, dh), lb.k.view(g, s, dh).transpose(1, 2), ws.scores)
-        self.fx.masked_softmax(lb.p, ws.scores, ws)
+        self.elementwise.masked_softmax(lb.p, ws.scores, ws.scratch)
         self.mm(lb.p, lb.v.view(g, s, dh), ws.out.view(g, -1, dh))
 
     def _classifier(self, ws: Workspace, grad_scale: float, backward: bool, first: bool) -> torch.Tensor:
@@ -387,19 +250,22 @@ class OptimizedPipeline:
         each chunk of logits with its gradient; dxf is again one GEMM. Big GEMMs run near peak where per-chunk
         ones (K = D small, N = V large) did not, and fp32 logits never exist for more than a chunk.
         """
-        n = ws.batch * ws.seq
+        n = ws.dims.N
         xf = ws.xf.view(n, -1)
         wc = self.w_cls
         logits = ws.dlogits  # [N, V] in the compute dtype; becomes dlogits chunk by chunk
         self.mm(xf, wc.t(), logits)
         ws.loss.zero_()
-        chunk = min(self.loss_chunk, n)
+        chunk = ws.dims.C
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
-            self.fx.cross_entropy_chunk(logits[lo:hi], ws.loss, ws.targets[lo:hi], grad_scale / n, ws)
+            self.elementwise.cross_entropy_chunk(
+                logits[lo:hi], ws.loss, ws.targets[lo:hi], grad_scale / n, ws.scratch
+            )
         if backward:
             self.mm(logits, wc, ws.dxf.view(n, -1))
-            if self.compaction is None:
+            accumulate = self.elementwise.accumulate
+            if self._ids is None:
                 self.dw.submit(
                     _weight_grad,
                     self.grads.classifier,
@@ -408,7 +274,7 @@ class OptimizedPipeline:
                     ws.mm_cls,
                     ws.acc_scratch,
                     self.mm,
-                    self.fx.accumulate,
+                    accumulate,
                     first,
                 )
             else:
@@ -422,16 +288,16 @@ class OptimizedPipeline:
                     self._ids,
                     ws.cls_grad,
                     self.mm,
-                    self.fx.accumulate,
+                    accumulate,
                 )
         return float(ws.loss) / n  # type: ignore[return-value]
 
     def _backward(self, ws: Workspace, first: bool) -> None:
         """The dx kernels from the final norm down; dW jobs go to the executor (overwriting if ``first``)."""
         cfg, w, p32, g, mm = self.cfg, self.w, self.params, self.grads, self.mm
+        elem, s, acc = self.elementwise, ws.scratch, self.elementwise.accumulate
         alpha = cfg.residual_scale
-        b, s = ws.batch, ws.seq
-        n = b * s
+        b, seq, n = ws.dims.B, ws.dims.S, ws.dims.N
         dy, dx2 = ws.dy, ws.dx2  # fp32 gradients of the residual stream
         submit = self.dw.submit
         buckets = iter(self._buckets)
@@ -440,57 +306,47 @@ class OptimizedPipeline:
         if threads_changed:
             torch.set_num_threads(self.backward_threads)
         try:
-            fx, layers = self.fx, ws.layers
+            layers = ws.layers
             # final norm: dy = RMSNorm'(dxf); df of the last layer = alpha dy (16-bit, read by its GEMMs)
-            fx.norm_backward(
-                dy, g.final_norm, None, ws.dxf, ws.xL, ws.rstdf, p32.final_norm, alpha, layers[-1].df, ws
+            elem.norm_backward(
+                dy, g.final_norm, None, ws.dxf, ws.xL, ws.rstdf, p32.final_norm, alpha, layers[-1].df, s
             )
             for i in reversed(range(cfg.n_layers)):
                 lw, lp, lg, lb = w.layers[i], p32.layers[i], g.layers[i], layers[i]
                 # FFN half: dg = df W2; SwiGLU'; dxn2 = dh13 W13; dx2 = dy + RMSNorm'(dxn2); do = alpha dx2
-                submit(_weight_grad, lg.w2, lb.df, lb.g, ws.mm_w2, ws.acc_scratch, mm, fx.accumulate, first)
+                submit(_weight_grad, lg.w2, lb.df, lb.g, ws.mm_w2, ws.acc_scratch, mm, acc, first)
                 mm(lb.df.view(n, -1), lw.w2, ws.dg.view(n, -1))
-                fx.swiglu_backward(lb.dh13, ws.dg, lb.h13, ws)
-                submit(
-                    _weight_grad, lg.w13, lb.dh13, lb.xn2, ws.mm_w13, ws.acc_scratch, mm, fx.accumulate, first
-                )
+                elem.swiglu_backward(lb.dh13, ws.dg, lb.h13, s)
+                submit(_weight_grad, lg.w13, lb.dh13, lb.xn2, ws.mm_w13, ws.acc_scratch, mm, acc, first)
                 mm(lb.dh13.view(n, -1), lw.w13, ws.dxn.view(n, -1))
-                fx.norm_backward(dx2, lg.ffn_norm, dy, ws.dxn, lb.x2, lb.rstd2, lp.ffn_norm, alpha, lb.do, ws)
+                elem.norm_backward(
+                    dx2, lg.ffn_norm, dy, ws.dxn, lb.x2, lb.rstd2, lp.ffn_norm, alpha, lb.do, s
+                )
                 # attention half: dattn = do Wo; attention'; RoPE^-1; dxn = dqkv Wqkv;
                 # dy = dx2 + RMSNorm'(dxn)
-                submit(
-                    _weight_grad, lg.wo, lb.do, lb.attn, ws.mm_wo, ws.acc_scratch, mm, fx.accumulate, first
-                )
+                submit(_weight_grad, lg.wo, lb.do, lb.attn, ws.mm_wo, ws.acc_scratch, mm, acc, first)
                 mm(lb.do.view(n, -1), lw.wo, ws.dattn.view(n, -1))
-                ws.dout.copy_(ws.dattn.view(b, s, cfg.n_heads, -1).transpose(1, 2))
-                F.attention_backward_into(
+                ws.dout.copy_(ws.dattn.view(b, seq, cfg.n_heads, -1).transpose(1, 2))
+                fused.attention_backward_into(
                     ws.dq, ws.dk, ws.dv, ws.dout, lb.p, lb.q, lb.k, lb.v, ws.dp, ws.ds, mm
                 )
-                fx.rope_merge_backward(lb.dqkv, ws.dq, ws.dk, ws.dv, ws)
-                submit(
-                    _weight_grad, lg.qkv, lb.dqkv, lb.xn, ws.mm_qkv, ws.acc_scratch, mm, fx.accumulate, first
-                )
-                if self.grad_ready_hook is not None:  # this layer's gradients are complete once the jobs ran
-                    submit(self.grad_ready_hook, next(buckets))
+                elem.rope_merge_backward(lb.dqkv, ws.dq, ws.dk, ws.dv, s)
+                submit(_weight_grad, lg.qkv, lb.dqkv, lb.xn, ws.mm_qkv, ws.acc_scratch, mm, acc, first)
+                if self.grad_ready_hook is not None and self.announces_buckets:
+                    submit(self.grad_ready_hook, next(buckets))  # complete once the jobs above have run
                 mm(lb.dqkv.view(n, -1), lw.qkv, ws.dxn.view(n, -1))
                 below = layers[i - 1].df if i > 0 else None  # the layer below's df = alpha dy
-                fx.norm_backward(
-                    dy, lg.attention_norm, dx2, ws.dxn, lb.x, lb.rstd1, lp.attention_norm, alpha, below, ws
+                elem.norm_backward(
+                    dy, lg.attention_norm, dx2, ws.dxn, lb.x, lb.rstd1, lp.attention_norm, alpha, below, s
                 )
             # embedding backward on the executor too: with a tied classifier it adds into the same table
             submit(K.embedding_backward, g.embedding, ws.tokens, dy)
-            if self.grad_ready_hook is not None:
+            if self.grad_ready_hook is not None and self.announces_buckets:
                 for rest in buckets:
                     submit(self.grad_ready_hook, rest)
         finally:
             if threads_changed:
                 torch.set_num_threads(threads_before)
-
-
-def _block_rows(rows: int, cols: int, limit: int = 1 << 23) -> int:
-    """Rows per block when a [rows, cols] product is formed in equal blocks of at most ``limit`` elements."""
-    blocks = -(-rows * cols // limit)
-    return -(-rows // blocks)
 
 
 # ---- dW jobs (run by the executor; every tensor they touch is an argument, so DeviceDW can stage it) -----
@@ -501,7 +357,7 @@ def _weight_grad(
     prod: torch.Tensor,
     scratch: torch.Tensor,
     mm: MatMul = torch_matmul,
-    accumulate: Accumulate = F.accumulate_into,
+    accumulate: Accumulate = fused.accumulate_into,
     overwrite: bool = False,
 ) -> None:
     """gw (fp32) += dy^T x: the product formed in the compute dtype (into ``prod``), accumulated in fp32.
@@ -533,9 +389,12 @@ def _compact_classifier_grad(
     ids: torch.Tensor,
     acc: torch.Tensor,
     mm: MatMul = torch_matmul,
-    accumulate: Accumulate = F.accumulate_into,
+    accumulate: Accumulate = fused.accumulate_into,
 ) -> None:
     """g_cls[ids] += dlogits^T xf: the compact classifier's gradient (formed in ``acc``, overwritten)
     scattered into the full table, which ``zero_grad`` zeroes."""
     _weight_grad(acc, dlogits, xf, prod, scratch, mm, accumulate, overwrite=True)
     g_cls.index_add_(0, ids, acc)
+
+
+__all__ = ["DTYPES", "OptimizedPipeline", "block_rows"]

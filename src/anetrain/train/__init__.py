@@ -1,8 +1,11 @@
 """The training program: data -> pipeline -> optimizer -> checkpoints, metrics and the Efficiency Report.
 
 Modules: ``options`` (the CLI's options and what --resume may change), ``resolve`` (model and data),
-``trainer`` (the loop, its evaluation, checkpoints, signals and distributed duties), ``run`` (the entry
-point).
+``setup`` (what a run starts from: model, data, pipeline, optimizer on every rank), ``trainer`` (the loop),
+the components the loop asks after every step: ``evaluator``, ``checkpointer``, ``samples`` (generated
+text), ``stop`` (signals, the dashboard's stop file, rank agreement); ``state`` (the step, losses and
+counters a checkpoint saves), ``rundir`` (config.json, metrics.jsonl, train.log, report.json) and ``run``
+(the entry point).
 
 ``run_training(opts)`` is what ``anetrain train`` calls. One step is one optimizer update over ``accum``
 micro-batches of ``batch x seq`` tokens. The loop, per step::

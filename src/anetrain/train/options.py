@@ -11,9 +11,7 @@ from ..config import PRESETS
 from ..data.sampler import SAMPLERS
 from ..distributed import BACKENDS
 from ..errors import ConfigError
-from ..optim import (
-    OptimizerConfig,
-)
+from ..optim import OptimizerConfig
 from ..params import INIT_SCHEMES
 
 # ------------------------------------------------------------------------------------------------
@@ -119,6 +117,11 @@ class TrainOptions:
         "else fp16 with loss scaling), fp32, bf16, fp16",
         choices=("auto", "fp32", "bf16", "fp16"),
     )
+    loss_scale: float = opt(
+        32768.0,
+        "initial loss scale of fp16 training (dynamic: halved, and the update skipped, when the gradients "
+        "overflow; doubled after 1000 clean steps)",
+    )
     dw_device: str | None = opt(None, "device for the weight-gradient GEMMs (e.g. cpu while dx runs on cuda)")
     fusion: str = opt(
         "auto",
@@ -220,6 +223,8 @@ class TrainOptions:
             raise ConfigError(f"--dist-timeout must be positive, got {self.dist_timeout}")
         if self.nproc_per_node is not None and self.nproc_per_node <= 0:
             raise ConfigError(f"--nproc-per-node must be positive, got {self.nproc_per_node}")
+        if not (self.loss_scale >= 1 and math.isfinite(self.loss_scale)):
+            raise ConfigError(f"--loss-scale must be a number >= 1, got {self.loss_scale}")
         if self.dist_check_every < 0:
             raise ConfigError(f"--dist-check-every must be 0 or positive, got {self.dist_check_every}")
 

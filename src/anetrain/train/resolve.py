@@ -6,12 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..config import PRESETS, ModelConfig, deepnet_alpha, load_config_file
+from ..data.sampler import WindowSampler, eval_windows, make_sampler
 from ..data.tokens import TokenFile, check_tokens, open_tokens
+from ..distributed import World
 from ..errors import ConfigError, InputError
-from ..optim import (
-    AdamState,
-)
+from ..optim import AdamState
 from ..params import ModelParams, init_params
 from .options import TrainOptions
 
@@ -64,10 +66,32 @@ def resolve_model(opts: TrainOptions) -> tuple[ModelConfig, ModelParams, AdamSta
 
 @dataclass
 class DataSplit:
+    """The training tokens (the first ``n_train`` of ``train``) and the validation region, if any."""
+
     train: TokenFile
     n_train: int
     val: TokenFile | None
     val_range: tuple[int, int] | None
+
+    def sampler(self, opts: TrainOptions, world: World) -> WindowSampler:
+        """This rank's training windows (--sampler)."""
+        return make_sampler(
+            opts.sampler,
+            self.train.tokens,
+            self.n_train,
+            opts.seq,
+            opts.batch,
+            opts.seed,
+            world.rank,
+            world.world_size,
+        )
+
+    def eval_windows(self, opts: TrainOptions) -> list[torch.Tensor]:
+        """The fixed validation batches (none without validation data or with evaluation off)."""
+        if self.val is None or self.val_range is None or opts.eval_every <= 0 or opts.eval_batches <= 0:
+            return []
+        lo, hi = self.val_range
+        return eval_windows(self.val.tokens, lo, hi, opts.seq, opts.batch, opts.eval_batches)
 
 
 def resolve_data(opts: TrainOptions, cfg: ModelConfig, tokenizer_fp: str | None) -> DataSplit:

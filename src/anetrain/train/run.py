@@ -17,7 +17,8 @@ from ..config import PRESETS
 from ..distributed import DistributedError, World, init_world, wants_cuda
 from ..errors import AnetrainError, ConfigError, InputError
 from .options import RESUME_OVERRIDABLE, TrainOptions
-from .trainer import RankLog, RunLog, Trainer
+from .rundir import RankLog, RunLog
+from .trainer import Trainer
 
 # ------------------------------------------------------------------------------------------------
 # Entry point
@@ -166,7 +167,6 @@ def _run_ranks(opts: TrainOptions, given: dict[str, Any], log: Any, world: World
         trainer = Trainer(
             opts, run_dir, both, model_check=given.get("model") if opts.resume else None, world=world
         )
-        trainer.setup()
         return trainer.run()
     finally:
         both.close()

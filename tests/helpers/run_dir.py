@@ -1,7 +1,7 @@
 """Fixture run directories for the UI tests: realistic metrics.jsonl, train.log, config and checkpoints.
 
 Everything follows docs/run-directory.md, written independently of the trainer so that the dashboard,
-plots and trackers are tested against the contract. The tests at the bottom check the builder itself.
+plots and trackers are tested against the contract (tests/test_ui_metrics.py checks the builder itself).
 """
 
 from __future__ import annotations
@@ -216,20 +216,3 @@ def make_run(
 def best_train(steps_done: int) -> tuple[float, int]:
     """The fixture's best training loss and its step."""
     return min((fixture_loss(s), s) for s in range(1, steps_done + 1))
-
-
-# ---- tests of the builder ------------------------------------------------------------------------------
-
-
-def test_fixture_run_reads_back_with_the_contract_fields(tmp_path: Path) -> None:
-    from anetrain.ui.metrics import read_metrics
-
-    make_run(tmp_path / "r", steps_done=120, total=1000)
-    records = read_metrics(tmp_path / "r" / "metrics.jsonl")
-    kinds = [r["type"] for r in records]
-    assert kinds.count("step") == 120
-    assert kinds.count("eval") == 2
-    assert kinds[0] == "run"
-    step = next(r for r in records if r["type"] == "step")
-    assert set(PHASE_MS) <= set(step["phases"])
-    assert step["tokens"] == TOKENS_PER_STEP

@@ -1,4 +1,9 @@
-"""Choose and build a pipeline from the user's options: which schedule, on which device, in what precision."""
+"""Choose and build a pipeline from the user's options: which schedule, on which device, in what precision.
+
+This module sits above both pipeline families, the torch ones (``anetrain.pipeline``) and the Neural Engine's
+(``anetrain.ane``), so that neither package imports the other's factory: ``ane`` uses ``pipeline``'s dW
+executors, and only this module knows both.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.compaction import VocabCompaction
-from ..errors import AnetrainError
-from ..params import ModelParams
-from .base import Pipeline
-from .baseline import BaselinePipeline
+from .data.compaction import VocabCompaction
+from .errors import AnetrainError
+from .params import ModelParams
+from .pipeline.base import Pipeline
+from .pipeline.baseline import BaselinePipeline
 
 PIPELINES = ("baseline", "optimized")
 BACKENDS = ("auto", "cpu", "cuda", "ane-sim", "ane")
@@ -68,7 +73,7 @@ def make_pipeline(
 ) -> Pipeline:
     """Build the pipeline; ``params`` are float32 master weights (moved to the chosen device)."""
     if choice.backend == "ane-sim":
-        from ..ane.pipeline import AneSimPipeline
+        from .ane.pipeline import AneSimPipeline
 
         return AneSimPipeline(
             params,
@@ -80,7 +85,7 @@ def make_pipeline(
             seq=choice.seq,
         )
     if choice.backend == "ane":
-        from ..ane.runtime import make_runtime_pipeline
+        from .ane.runtime import make_runtime_pipeline
 
         return make_runtime_pipeline(
             params,
@@ -89,6 +94,7 @@ def make_pipeline(
             inputs=choice.ane_inputs,
             compaction=compaction,
             loss_chunk=choice.loss_chunk,
+            runtime=choice.ane_runtime,
             seq=choice.seq,
         )
     device = resolve_device(choice.backend)
@@ -98,7 +104,7 @@ def make_pipeline(
     if choice.pipeline == "baseline":
         return BaselinePipeline(params, compaction=compaction, loss_chunk=choice.loss_chunk)
     if choice.pipeline == "optimized":
-        from .optimized import OptimizedPipeline
+        from .pipeline.optimized import OptimizedPipeline
 
         return OptimizedPipeline(
             params,
@@ -109,19 +115,3 @@ def make_pipeline(
             fusion=choice.fusion,
         )
     raise AnetrainError(f"unknown pipeline {choice.pipeline!r} (known: {', '.join(PIPELINES)})")
-
-
-def describe(pipe: Pipeline) -> dict[str, str]:
-    """Labels for the run record and the dashboard header."""
-    dev = pipe.params.flat.device.type
-    precision = getattr(pipe, "precision", None) or {torch.float32: "fp32", torch.float64: "fp64"}.get(
-        pipe.params.flat.dtype, str(pipe.params.flat.dtype)
-    )
-    labels = {"pipeline": pipe.name, "backend": getattr(pipe, "backend", dev), "precision": precision}
-    fx = getattr(pipe, "fx", None)
-    if fx is not None:
-        labels["fusion"] = fx.name
-    ane = getattr(pipe, "description", None)
-    if isinstance(ane, str):
-        labels["ane"] = ane
-    return labels

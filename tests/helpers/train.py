@@ -1,8 +1,10 @@
 """Helpers shared by the trainer's black-box tests: tiny model configs, token files, running the CLI.
 
-Every training run here uses the baseline pipeline, a tiny model (dim 32, 2 layers), batch 2 x 32, one torch
-thread and a given peak (so no GEMM probe runs). In-process runs restore torch's global thread count and
-determinism flags afterwards, so they do not leak into other tests.
+Every training run here uses the default pipeline (optimized) in bf16 unless a test asks for another (bf16
+rather than "auto", which is fp16 with loss scaling on a CPU without native bf16, so the records are the same
+on every machine), a tiny model (dim 32, 2 layers), batch 2 x 32, one torch thread and a given peak (so no
+GEMM probe runs). In-process runs restore torch's global thread count and determinism flags afterwards, so
+they do not leak into other tests.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 import anetrain.data.sampler as sampler_module
 from anetrain.cli import main
-from conftest import shared_file
+from helpers.data import shared_file
 
 TINY = {
     "dim": 32,
@@ -42,7 +44,7 @@ BATCH, SEQ = 2, 32
 
 # Options every test run gets unless it overrides them (None drops the option).
 BASE_OPTIONS: dict[str, Any] = {
-    "pipeline": "baseline",
+    "dtype": "bf16",
     "batch": BATCH,
     "seq": SEQ,
     "steps": 6,
@@ -55,6 +57,12 @@ BASE_OPTIONS: dict[str, Any] = {
     "threads": 1,
     "deterministic": True,
 }
+
+
+#: the plain fp32 pipeline, for the tests that compare against it or need it
+BASELINE: dict[str, Any] = {"pipeline": "baseline", "dtype": "fp32"}
+#: the default pipeline in fp32 (bitwise-reproducible comparisons)
+OPTIMIZED_FP32: dict[str, Any] = {"pipeline": "optimized", "dtype": "fp32"}
 
 
 def valid_head_tokens() -> Path:

@@ -1,0 +1,70 @@
+"""Evaluation: the mean validation loss over a fixed set of windows, before the first step, every
+--eval-every steps and after the last one."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..distributed import World
+from ..pipeline.base import Pipeline
+from .rundir import RunFiles
+from .state import RunState
+
+
+class Evaluator:
+    """Scores the validation windows (each rank its share of them; every rank gets the mean)."""
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        world: World,
+        windows: list[torch.Tensor],
+        every: int,
+        steps: int,
+        files: RunFiles,
+        log: Any,
+    ) -> None:
+        self.pipe = pipe
+        self.world = world
+        self.windows = windows  # empty: no validation data, or evaluation disabled
+        self.every = every
+        self.steps = steps
+        self.files = files
+        self.log = log
+
+    def due_at_start(self, state: RunState, resumed: bool) -> bool:
+        """Before the first step of a run (not again when it resumes, unless it resumes at step 0)."""
+        return bool(self.windows) and (not resumed or state.step == 0)
+
+    def due(self, step: int) -> bool:
+        """After ``step`` of the loop (the last step's evaluation is :meth:`due_at_end`)."""
+        return bool(self.windows) and self.every > 0 and step % self.every == 0 and step < self.steps
+
+    def due_at_end(self) -> bool:
+        return bool(self.windows) and self.every > 0
+
+    def evaluate(self, state: RunState) -> bool:
+        """Write an "eval" record; returns True when the loss is a new best after the first step (worth a
+        "best" checkpoint)."""
+        t0 = time.perf_counter()
+        world = self.world
+        if world.active:
+            mine = [self.pipe.loss(w) for w in self.windows[world.rank :: world.world_size]]
+            total, count = world.sum_values([math.fsum(mine), len(mine)], "the validation loss reduction")
+            loss = total / count
+        else:
+            loss = float(np.mean([self.pipe.loss(w) for w in self.windows]))
+        state.counters.eval_s += time.perf_counter() - t0
+        ppl = math.exp(min(loss, 50.0))
+        self.files.write("eval", step=state.step, val_loss=loss, val_ppl=ppl)
+        self.log(f"step {state.step}: val loss {loss:.4f} (ppl {ppl:.2f})")
+        if state.best_val_loss is not None and loss >= state.best_val_loss:
+            return False
+        first = state.best_val_loss is None
+        state.best_val_loss = loss
+        return not first or state.step > 0

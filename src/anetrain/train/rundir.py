@@ -1,0 +1,209 @@
+"""The run directory's writers (docs/run-directory.md): config.json, metrics.jsonl and the trackers that
+follow it, the trainer.pid heartbeat, report.json, and the run's log (train.log and the console).
+
+config.json, report.json and trainer.pid are replaced atomically; metrics.jsonl and train.log are appended,
+one whole line per record, flushed as it is written, so a crash loses at most a partial last line (which
+every reader skips). Only rank 0 of a data-parallel job writes; the other ranks' writers build the records
+(the loop reads them) and write nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..config import ModelConfig
+from ..distributed import World
+from ..errors import AnetrainError
+from ..fsutil import atomic_write_text
+from ..telemetry.metrics import MetricsWriter
+from .options import TrainOptions
+
+
+class NullMetrics:
+    """The metrics writer of a rank other than 0: records are built (the loop reads them) but not written."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Any] = []
+
+    def write(self, record_type: str, **fields: Any) -> dict[str, Any]:
+        return {"type": record_type, **fields}
+
+    def close(self) -> None:
+        pass
+
+
+class RunFiles:
+    """What rank 0 writes into RUN_DIR besides checkpoints; a data-parallel rank's writes nothing."""
+
+    def __init__(self, run_dir: Path, world: World, started: float) -> None:
+        self.run_dir = run_dir
+        self.writes = world.is_main
+        self.started = started  # the metrics' elapsed_s counts from here
+        self.pid_file = run_dir / "trainer.pid"
+        self.metrics: MetricsWriter | NullMetrics = NullMetrics()
+
+    def open(self, opts: TrainOptions) -> None:
+        """Start appending to metrics.jsonl, with the experiment trackers the options ask for."""
+        if not self.writes:
+            return
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", start_time=self.started)
+        if opts.wandb or opts.tensorboard:
+            try:
+                from ..ui.trackers import make_trackers
+            except ImportError as e:
+                raise AnetrainError(f"experiment tracking is unavailable: {e}") from None
+            self.metrics.listeners += make_trackers(
+                self.run_dir,
+                wandb=opts.wandb,
+                wandb_project=opts.wandb_project,
+                wandb_name=opts.wandb_name,
+                wandb_mode=opts.wandb_mode,
+                tensorboard=opts.tensorboard,
+            )
+
+    def write(self, record_type: str, **fields: Any) -> dict[str, Any]:
+        """Append one record to metrics.jsonl (and the trackers); returns it."""
+        return self.metrics.write(record_type, **fields)
+
+    def write_config(self, cfg: ModelConfig, opts: TrainOptions, world_size: int) -> None:
+        """config.json: the model and every option, with the data paths made absolute."""
+
+        def absolute(path: str | None) -> str | None:
+            return str(Path(path).resolve()) if path else None
+
+        doc = {
+            "model": cfg.to_dict(),
+            "train": asdict(opts),
+            "tokenizer": absolute(opts.tokenizer),
+            "data": absolute(opts.data),
+            "val_data": absolute(opts.val_data),
+            "world_size": world_size,
+            "anetrain_version": __version__,
+        }
+        if self.writes:
+            atomic_write_text(self.run_dir / "config.json", json.dumps(doc, indent=1))
+
+    def write_report(self, report: dict[str, Any]) -> None:
+        self.write("report", **report)
+        if self.writes:
+            atomic_write_text(self.run_dir / "report.json", json.dumps(report, indent=1))
+
+    @contextlib.contextmanager
+    def live(self) -> Iterator[None]:
+        """trainer.pid while the trainer runs (the dashboard's sign of life); removed when it ends."""
+        if self.writes:
+            atomic_write_text(self.pid_file, f"{os.getpid()}\n")
+        try:
+            yield
+        finally:
+            if self.writes:
+                self.pid_file.unlink(missing_ok=True)
+
+    def heartbeat(self) -> None:
+        """Touch trainer.pid (its mtime tells a dashboard the trainer is alive)."""
+        if self.writes:
+            with contextlib.suppress(OSError):
+                self.pid_file.touch()
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+class RunLog:
+    """The run's log: lines go to RUN_DIR/train.log and to the console (above the progress bar, if any).
+
+    Under ``anetrain train --dashboard`` the training child's stderr already is train.log (so that tracebacks
+    land there too); the parent sets ANETRAIN_STDERR_IS_LOG and the child then writes each line only once.
+    """
+
+    def __init__(self, path: Path, sink: Callable[[str], None] | None = None) -> None:
+        self.to_file = not os.environ.get("ANETRAIN_STDERR_IS_LOG")
+        self.file = open(path, "a", encoding="utf-8") if self.to_file else None  # noqa: SIM115
+        self.sink = sink
+        self.progress: Any = None
+
+    def __call__(self, line: str) -> None:
+        if self.sink is not None:
+            self.sink(line)
+        elif self.progress is not None:
+            self.progress.log(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+        self.file_only(line)
+
+    def file_only(self, line: str) -> None:
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+        if self.file is not None:
+            self.file.close()
+
+
+class RankLog:
+    """The log of a data-parallel rank other than 0: only warnings reach stderr, prefixed with the rank
+    (rank 0 writes train.log and the console for the job)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self, line: str) -> None:
+        if line.lstrip().lower().startswith(("warning", "error")):
+            print(f"[rank {self.rank}] {line}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_printer(
+    log: Callable[[str], None], end: int, start_step: int, log_every: int, is_main: bool
+) -> Callable[[dict[str, Any]], None]:
+    """A callback for each step record: a progress bar on a terminal, plain lines otherwise (and in
+    train.log every ``log_every`` steps). Rank 0 only."""
+    if not is_main:
+        return lambda rec: None
+    from ..ui.progress import ConsoleProgress
+
+    bar = ConsoleProgress(end, start_step=start_step, stream=sys.stderr, log_every=log_every)
+    # our own console: the bar shows the lines, which then go to train.log only
+    own = log if isinstance(log, RunLog) and log.sink is None else None
+    if own is not None:
+        own.progress = bar
+
+    def update(rec: dict[str, Any]) -> None:
+        bar.update_record(rec)
+        if rec["step"] % max(1, log_every) == 0 or rec["step"] == end:
+            line = bar.format_line(rec["step"], rec["loss"], rec["tokens_per_s"], rec["lr"], rec["ms"])
+            if own is not None:
+                own.file_only(line)
+            else:
+                log(line)
+
+    return update
+
+
+def pipeline_line(
+    labels: dict[str, str], opts: TrainOptions, world: World, global_batch: int, tokens_per_step: int
+) -> str:
+    """The log's line about how the run trains: pipeline, device, precision, batch, optimizer."""
+    ranks = ""
+    if world.active:
+        ranks = f", {world.world_size} ranks over {world.backend} (global batch {global_batch} sequences)"
+    fusion = f" ({labels['fusion']} fusion)" if "fusion" in labels else ""
+    return (
+        f"pipeline: {labels['pipeline']} on {labels['backend']} in {labels['precision']}{fusion}; batch "
+        f"{opts.batch}x{opts.seq}, accum {opts.accum}{ranks} ({tokens_per_step:,} tokens/step); "
+        f"{opts.optimizer} lr {opts.lr:g}"
+    )
