@@ -6,7 +6,8 @@
 * surfaces: bytes land where the program expects them (row-major fp16 at the start of equal, aligned
   allocations, bound alphabetically);
 * the compile budget of the in-process executor;
-* the private-API sequence (:mod:`anetrain.ane.private`) driven against a stand-in for the Objective-C runtime
+* the private-API sequence (:mod:`anetrain.ane.runtime.private`) driven against a stand-in for the Objective-C
+  runtime
   whose "Neural Engine" reads the files the runtime wrote and executes the request with the simulator, binding
   surfaces by index to the MIL names in alphabetical order as the hardware does: a whole training step through
   it equals the simulator pipeline's.
@@ -28,10 +29,6 @@ import numpy as np
 import pytest
 import torch
 
-from anetrain.ane import objc, private
-from anetrain.ane.budget import DEFAULT_COMPILE_BUDGET, compile_budget, needs_fresh_process
-from anetrain.ane.device import AneRuntimeError, ProgramSpec, SimDevice
-from anetrain.ane.iosurface import HostSurface, fill_inputs, surface_properties
 from anetrain.ane.machine import (
     NeedsMacError,
     chip_from_brand,
@@ -42,7 +39,10 @@ from anetrain.ane.machine import (
 )
 from anetrain.ane.pipeline import AneSimPipeline
 from anetrain.ane.programs import build_kernel_set
-from anetrain.ane.runtime import AneRuntimeExecutor, make_executor, make_runtime_pipeline
+from anetrain.ane.runtime import AneRuntimeExecutor, make_executor, make_runtime_pipeline, objc, private
+from anetrain.ane.runtime.budget import DEFAULT_COMPILE_BUDGET, compile_budget, needs_fresh_process
+from anetrain.ane.runtime.device import AneRuntimeError, ProgramSpec, SimDevice
+from anetrain.ane.runtime.iosurface import HostSurface, fill_inputs, surface_properties
 from anetrain.ane.sim import SimExecutor, SimProgram
 from anetrain.ane.surfaces import Staging, read_outputs
 from anetrain.config import make_config
@@ -146,8 +146,9 @@ def test_the_bridge_modules_import_without_touching_libobjc() -> None:
         "        raise SystemExit(f'{name} was loaded at import time')\n"
         "    return real(name, *a, **k)\n"
         "ctypes.CDLL = guard\n"
-        "import anetrain.ane.objc, anetrain.ane.iosurface, anetrain.ane.private, anetrain.ane.runtime\n"
-        "import anetrain.ane.coreml, anetrain.ane.supervisor, anetrain.ane.peak, anetrain.ane.bench\n"
+        "import anetrain.ane.runtime, anetrain.ane.runtime.objc, anetrain.ane.runtime.iosurface\n"
+        "import anetrain.ane.runtime.private, anetrain.ane.runtime.coreml, anetrain.ane.runtime.supervisor\n"
+        "import anetrain.ane.peak, anetrain.ane.bench\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -295,7 +296,7 @@ def test_sim_runtime_pipeline_matches_the_simulator_pipeline() -> None:
 
 
 class FakeObjC:
-    """Just enough of :class:`anetrain.ane.objc.ObjCRuntime` for :mod:`anetrain.ane.private`.
+    """Just enough of :class:`anetrain.ane.runtime.objc.ObjCRuntime` for :mod:`anetrain.ane.runtime.private`.
 
     Objects are handles into a table. The "compiler" reads model.mil and the weight files from the temporary
     directory the runtime wrote (as the real one does) and loads them into the simulator; an evaluation binds

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anetrain.ane.coreml import CoreMLDevice, CoreMLProgram, io_names, load_package
 from anetrain.ane.machine import NeedsMacError, is_macos
 from anetrain.ane.programs import BACKWARD, EXTRAS, FORWARD, build_kernel_set
 from anetrain.ane.runtime import AneRuntimeExecutor, make_executor
+from anetrain.ane.runtime.coreml import CoreMLDevice, CoreMLProgram, io_names, load_package
 from anetrain.ane.sim import SimExecutor
 from anetrain.ane.surfaces import Staging
 from anetrain.config import make_config

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from anetrain.ane.device import AneRuntimeError, ProgramSpec
-from anetrain.ane.ipc import Channel, IoArea, IoLayout, PeerTimeout, ProtocolError
 from anetrain.ane.pipeline import AneSimPipeline
 from anetrain.ane.programs import build_kernel_set
 from anetrain.ane.runtime import make_runtime_pipeline
+from anetrain.ane.runtime.device import AneRuntimeError, ProgramSpec
+from anetrain.ane.runtime.ipc import Channel, IoArea, IoLayout, PeerTimeout, ProtocolError
+from anetrain.ane.runtime.supervisor import WorkerExecutor
 from anetrain.ane.sim import SimExecutor
-from anetrain.ane.supervisor import WorkerExecutor
 from anetrain.ane.surfaces import Staging, TensorSpec
 from anetrain.config import make_config
 from anetrain.errors import AnetrainError
@@ -205,9 +205,9 @@ def test_a_program_the_device_rejects_leaves_the_worker_serving() -> None:
 def test_both_runtimes_refuse_a_program_over_the_limits_before_the_device_sees_it() -> None:
     """The in-process runtime and the worker check a program against its chip's limits before compiling
     (here a program whose packed input is 16,576 wide on m1, where the limit is 16,384)."""
-    from anetrain.ane.device import SimDevice
     from anetrain.ane.limits import AneLimitError
     from anetrain.ane.runtime import AneRuntimeExecutor
+    from anetrain.ane.runtime.device import SimDevice
 
     ks = build_kernel_set(CFG, "m1", seq=16)
     program = ks["ffn_fused"]

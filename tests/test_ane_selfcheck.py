@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from anetrain.ane.device import SimDevice
 from anetrain.ane.machine import is_macos
 from anetrain.ane.runtime import AneRuntimeExecutor
+from anetrain.ane.runtime.device import SimDevice
 from anetrain.ane.selfcheck import (
     DEFAULT_PROGRAMS,
     SELFCHECK_MODEL,

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers.train import error_line, records, run_cli, train_argv, valid_head_tokens, write_model
+from helpers.train import BASELINE, error_line, records, run_cli, train_argv, valid_head_tokens, write_model
 
 # stories260K's structure (GQA 8/4, head_dim 8 and hidden 172: both padded for the ANE), 2 layers
 MODEL = {"dim": 64, "hidden_dim": 172, "n_heads": 8, "n_kv_heads": 4, "n_layers": 2, "seq_len": 64}
 STEPS = 60
 OPTIONS = {
-    "pipeline": None,  # the default pipeline; --backend ane-sim picks the ANE's
+    "pipeline": None,  # the defaults: --backend ane-sim picks the ANE's pipeline and its fp16
+    "dtype": None,
     "steps": STEPS,
     "batch": 4,
     "seq": 32,
@@ -39,7 +40,7 @@ def test_ane_sim_trains_like_the_float32_pipeline_and_resumes(tmp_path: Path) ->
     assert r.rc == 0, r.err
     log = r.err + r.out
     assert "ANE programs: original (packed inputs), chip m4 (auto: not an Apple silicon Mac" in log
-    r = run_cli(train_argv(model, data, base, **{**OPTIONS, "pipeline": "baseline"}))
+    r = run_cli(train_argv(model, data, base, **{**OPTIONS, **BASELINE}))
     assert r.rc == 0, r.err
     a, b = final_val_loss(ane), final_val_loss(base)
     assert b < 5.0  # it learned (from ln 512 = 6.24)
@@ -64,7 +65,9 @@ def test_a_program_over_the_chip_limit_is_refused_before_any_work(tmp_path: Path
     """M1/M2 allow tensors 16,384 wide; ffnFused's packed input is 2 S + 3 hidden = 16,576 wide here."""
     model = write_model(tmp_path, hidden_dim=5504, n_layers=1)
     out = tmp_path / "run"
-    argv = train_argv(model, valid_head_tokens(), out, backend="ane-sim", ane_chip="m1", pipeline=None)
+    argv = train_argv(
+        model, valid_head_tokens(), out, backend="ane-sim", ane_chip="m1", pipeline=None, dtype=None
+    )
     line = error_line(run_cli(argv))
     assert line == (
         "anetrain: error: ANE program ffn_fused: tensor x [1, 32, 1, 16576] has width 16576, above the limit "

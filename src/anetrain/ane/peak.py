@@ -359,7 +359,7 @@ def run_probe(
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Compile, time and release one probe; a program the device refuses is reported, not raised."""
-    from .device import AneRuntimeError
+    from .runtime.device import AneRuntimeError
 
     row: dict[str, Any] = {
         "config": config.label,

@@ -229,9 +229,9 @@ def _depths(text: str) -> list[int]:
 
 
 def _peak(args: argparse.Namespace) -> int:
-    from ..ane.budget import compile_budget
     from ..ane.machine import is_apple_silicon, published_peak, require_apple_silicon, resolve_chip
     from ..ane.peak import build_probe, custom_configs, default_configs, emit_probe, run_probe
+    from ..ane.runtime.budget import compile_budget
     from ..errors import ConfigError
     from ..fsutil import atomic_write_text
 

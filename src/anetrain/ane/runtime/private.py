@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import AnetrainError
+from ...errors import AnetrainError
+from ..mil import BLOB_PREFIX
 from .device import AneRuntimeError, SurfaceProgram
 from .iosurface import IOSurfaceApi
-from .mil import BLOB_PREFIX
 from .objc import ObjCRuntime, runtime
 
 ANE_FRAMEWORK = "/System/Library/PrivateFrameworks/AppleNeuralEngine.framework/AppleNeuralEngine"
@@ -69,7 +69,7 @@ def process_compiles() -> int:
 
 def _dialect_hint(chip: str) -> str:
     """A hint when the programs' dialect is not this Mac's chip (the usual cause of a rejected program)."""
-    from .machine import chip_from_brand, read_brand
+    from ..machine import chip_from_brand, read_brand
 
     brand = read_brand()
     try:

@@ -1,8 +1,8 @@
 """ANE work in a worker process that is replaced before the compile leak bites: :class:`WorkerExecutor`.
 
 The executor offers the simulator's seam, ``run(program, inputs) -> outputs``, and does the work in a child
-process (``python -m anetrain.ane.worker``, :mod:`.worker`) that owns the device. It counts the worker's
-compiles (the worker reports them); when one more compile would exceed the budget
+process (``python -m anetrain.ane.runtime.worker``, :mod:`.worker`) that owns the device. It counts the
+worker's compiles (the worker reports them); when one more compile would exceed the budget
 (:mod:`.budget`, default 100, below the ~119 where ``_ANEInMemoryModel`` fails) it asks the worker to quit,
 starts a fresh one, and recompiles programs as they are used again. The user's process is never
 ``exec()``-ed and its state never leaves memory.
@@ -31,11 +31,11 @@ import numpy as np
 
 import anetrain
 
-from ..errors import AnetrainError
+from ...errors import AnetrainError
+from ..limits import check_program
 from .budget import compile_budget, needs_fresh_process
 from .device import AneRuntimeError, ExecutorStats, ProgramSpec
 from .ipc import Channel, IoArea, IoLayout, PeerTimeout
-from .limits import check_program
 
 
 @dataclass
@@ -223,7 +223,7 @@ class WorkerExecutor:
         try:
             with open(st.log_path, "ab") as log:
                 st.proc = subprocess.Popen(
-                    [self.python, "-m", "anetrain.ane.worker", str(to_child_r), str(from_child_w)],
+                    [self.python, "-m", "anetrain.ane.runtime.worker", str(to_child_r), str(from_child_w)],
                     pass_fds=(to_child_r, from_child_w),
                     stdin=subprocess.DEVNULL,
                     stdout=log,

@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from ..data.compaction import VocabCompaction
-from ..errors import AnetrainError, ConfigError
-from ..params import ModelParams
+from ...data.compaction import VocabCompaction
+from ...errors import AnetrainError, ConfigError
+from ...params import ModelParams
+from ..limits import check_program
+from ..machine import ChipInfo, require_apple_silicon, resolve_chip, resolve_sim_chip
+from ..pipeline import AneSimPipeline
 from .budget import compile_budget, needs_fresh_process
 from .device import Device, ExecutorStats, LoadedProgram
-from .limits import check_program
-from .machine import ChipInfo, require_apple_silicon, resolve_chip, resolve_sim_chip
-from .pipeline import AneSimPipeline
 
 RUNTIMES = ("private", "coreml", "sim")
 ENV_RUNTIME = "ANETRAIN_ANE_RUNTIME"

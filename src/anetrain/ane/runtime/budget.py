@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 DEFAULT_COMPILE_BUDGET = 100
 ENV_BUDGET = "ANETRAIN_ANE_COMPILE_BUDGET"

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AnetrainError
+from ...errors import AnetrainError
+from ..surfaces import binding_order
 from .objc import ObjCRuntime, load_library
-from .surfaces import binding_order
 
 IOSURFACE_FRAMEWORK = "/System/Library/Frameworks/IOSurface.framework/IOSurface"
 COREFOUNDATION = "/System/Library/Frameworks/CoreFoundation.framework/CoreFoundation"
