@@ -27,7 +27,7 @@ Bottom up::
 **macOS on Apple silicon** (:mod:`.runtime`, tested here against stand-ins only), top down::
 
     runtime      AneRuntimeExecutor / make_runtime_pipeline: `--backend ane`
-    supervisor   WorkerExecutor: the ANE work in a worker process, restarted before the compile budget runs out
+    supervisor   WorkerExecutor: the ANE work in a worker process, restarted within the compile budget
     worker, ipc  the worker's loop and its framed message protocol (tensors through shared memory)
     budget       the compile-budget counter (the ~119-compile leak of _ANEInMemoryModel)
     device       the device interface, and a simulator device that can emulate failures (for tests)
