@@ -85,7 +85,7 @@ def test_round_trip(tmp_path, tied):
     p = random_params(CFG.with_(tied_classifier=tied))
     out = tmp_path / "hf"
     notes = save_model(out, p, "hf")
-    assert notes == {"folded_residual_scale": 0.5}
+    assert notes == {"folded_residual_scale": 0.5, "architecture": "LlamaForCausalLM"}
     assert detect_format(out) == "hf"
     cfg_json = json.loads((out / "config.json").read_text())
     assert cfg_json["model_type"] == "llama" and cfg_json["architectures"] == ["LlamaForCausalLM"]
@@ -163,7 +163,7 @@ def _set(key, value):
 @pytest.mark.parametrize(
     ("config_change", "message"),
     [
-        (_set("model_type", "qwen3"), "model_type is 'qwen3'; only 'llama' can be read"),
+        (_set("model_type", "mistral"), "model_type is 'mistral'; only 'llama' .* and 'qwen3' can be read"),
         (_set("hidden_size", "32"), "field hidden_size must be a positive integer, got '32'"),
         (_set("num_attention_heads", -4), "field num_attention_heads must be a positive integer"),
         (_set("num_key_value_heads", 3), "inconsistent config .*not divisible by n_kv_heads 3"),

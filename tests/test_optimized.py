@@ -110,7 +110,7 @@ def test_evaluation_loss_equals_the_training_loss_and_leaves_gradients_alone():
 def test_workspace_buffers_have_their_declared_shapes():
     """Every buffer of the workspace (pipeline/workspace.py) and of the fusion's scratch (backends/fusion.py)
     is allocated with the shape and dtype its declaration names; a buffer of a variant that is off (compiled
-    fusion, a compacted vocabulary) has no elements."""
+    fusion, a compacted vocabulary, QK-norm) has no elements, and so has a LoRA buffer without LoRA."""
     from dataclasses import fields
 
     from anetrain.backends.buffers import FP32, shape_of
@@ -124,7 +124,12 @@ def test_workspace_buffers_have_their_declared_shapes():
     d = ws.dims
     assert (d.B, d.S, d.N, d.R, d.Dqkv) == (3, 24, 72, 2, 64 + 2 * 32)
     compiled_scratch = CompiledFusion().make_scratch(d, torch.bfloat16, ws.scratch.tables)
-    for buffers, off in ((ws, {"compaction"}), (ws.layers[1], set()), (ws.scratch, {"compile"})):
+    off_here = {"qknorm"}  # CFG has no QK-norm
+    for buffers, off in (
+        (ws, {"compaction"} | off_here),
+        (ws.layers[1], off_here),
+        (ws.scratch, {"compile"} | off_here),
+    ):
         for f in fields(buffers):
             if "shape" not in f.metadata:
                 continue

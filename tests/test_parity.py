@@ -115,3 +115,112 @@ def test_grad_scale_and_accumulation():
     ((model.loss(w1[:, :-1], w1[:, 1:]) + model.loss(w2[:, :-1], w2[:, 1:])) / 2).backward()
     for name, ref in model.grads_as_dict().items():
         assert rel_err(pipe.grads[name], ref) < 1e-10, name
+
+
+# ---- QK-norm (Qwen3) and LoRA ------------------------------------------------------------------------
+
+QWEN3 = dict(
+    dim=64,
+    hidden_dim=96,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=24,  # != dim / heads
+    vocab_size=96,
+    seq_len=32,
+    rope_theta=1e6,
+    norm_eps=1e-6,
+    qk_norm=True,
+)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
+def test_qk_norm_step_matches_autograd(tied, dtype, tol):
+    """Qwen3's per-head RMSNorm of q and k: loss and every gradient, the q_norm/k_norm gains included."""
+    cfg = make_config(**QWEN3, tied_classifier=tied)
+    loss, ref_loss, grads, ref_grads = run_both(cfg, dtype)
+    assert any(".q_norm." in n for n in grads.tensors) and any(".k_norm." in n for n in grads.tensors)
+    assert abs(loss - ref_loss) / abs(ref_loss) <= tol
+    assert set(ref_grads) == set(grads.tensors)
+    for name, ref in ref_grads.items():
+        err = rel_err(grads[name], ref)
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
+
+
+def random_adapters(cfg, lc, dtype, seed=7):
+    """Adapters with B != 0 (fresh ones have B = 0, which would make dA vanish and hide errors)."""
+    from anetrain.lora import init_lora
+
+    ad = init_lora(cfg, lc, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for s in ad.specs:
+        if s.name.endswith("lora_B"):
+            ad.tensors[s.name].normal_(0.0, 0.05, generator=g)
+    return ad.to(dtype)
+
+
+def run_lora(cfg, lc, dtype, mask=None, dw=None, seed=0):
+    params = init_params(cfg, "llama2c", seed=seed).to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    params.no_decay.copy_(
+        1 + 0.3 * torch.randn(params.no_decay.shape, generator=g, dtype=torch.float64).to(dtype)
+    )
+    window = torch.randint(0, cfg.vocab_size, (3, 25), generator=g)
+    if mask == "random":
+        mask = torch.rand(3, 24, generator=g) < 0.4
+    ad = random_adapters(cfg, lc, dtype)
+    pipe = BaselinePipeline(params, lora=ad.clone(), dw=dw)
+    loss = pipe.forward_backward(window, 0.5, loss_mask=mask)
+    pipe.close()
+    model = ReferenceModel.from_params(params, dtype, lora=ad)
+    ref = model.loss(window[:, :-1], window[:, 1:], mask)
+    (ref * 0.5).backward()
+    return loss, float(ref.detach()), pipe, model
+
+
+@pytest.mark.parametrize(
+    "targets", [("wq", "wk", "wv", "wo", "w1", "w3", "w2"), ("wq", "wv"), ("wo", "w2"), ("wk", "w1")]
+)
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
+def test_lora_adapter_gradients_match_autograd(targets, qk_norm, dtype, tol):
+    """A frozen base, adapters on some projections: the adapters' gradients equal autograd's (peft's math),
+    the pipeline trains nothing else, and the loss mask (instruction data) is honoured."""
+    from anetrain.lora import LoraConfig
+
+    cfg = make_config(**{**QWEN3, "qk_norm": qk_norm}, tied_classifier=False, residual_scale=0.7)
+    lc = LoraConfig(rank=4, alpha=8.0, targets=targets)
+    for mask in (None, "random"):
+        loss, ref_loss, pipe, model = run_lora(cfg, lc, dtype, mask)
+        assert abs(loss - ref_loss) / abs(ref_loss) <= tol
+        ref_grads = model.lora_grads()
+        assert set(ref_grads) == set(pipe.grads.tensors)  # only the adapters have gradients
+        assert pipe.grads.numel() == sum(t.numel() for t in ref_grads.values())
+        for name, ref in ref_grads.items():
+            assert ref.abs().max() > 0, name
+            err = rel_err(pipe.grads[name], ref)
+            assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
+        # nothing else in the reference model received a gradient
+        assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
+
+
+def test_lora_forms_no_frozen_weight_gradient_product():
+    """The dW executor receives only adapter jobs: no product of a frozen matrix is ever formed."""
+    from anetrain.lora import LoraConfig
+    from anetrain.pipeline.dw import SerialDW
+
+    class Recording(SerialDW):
+        def __init__(self):
+            super().__init__()
+            self.fns = []
+
+        def submit(self, fn, *args):
+            self.fns.append(fn.__name__)
+            super().submit(fn, *args)
+
+    cfg = make_config(**QWEN3)
+    dw = Recording()
+    run_lora(cfg, LoraConfig(4, 8.0), torch.float64, dw=dw)
+    assert set(dw.fns) == {"lora_weight_grad"}
+    assert len(dw.fns) == 7 * cfg.n_layers

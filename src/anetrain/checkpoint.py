@@ -6,6 +6,10 @@ Layout (see docs/run-directory.md)::
     RUN_DIR/checkpoints/latest           text file: the name of the newest complete checkpoint
     RUN_DIR/checkpoints/best             text file: the name of the checkpoint with the best validation loss
 
+A LoRA run's checkpoint holds its adapters (and their Adam moments); the manifest says so (``lora``) and names
+the frozen base model (``base``: the --model it came from, its resolved path and a fingerprint of its
+weights), which is read again, and checked, to resume or export.
+
 A checkpoint is written into a hidden temporary directory; every file is fsynced, the manifest (with each
 file's size and sha256) last; then the directory is renamed into place, the parent fsynced, and only then
 the ``latest`` pointer replaced and old checkpoints pruned. A ``kill -9`` at any moment therefore leaves the
@@ -24,14 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig, make_config
 from .errors import AnetrainError, ConfigError, InputError
 from .fsutil import atomic_write_text, describe_os_error, file_sha256, fsync_dir
+from .lora import LoraConfig, LoraParams, fingerprint
 from .optim import AdamState
-from .params import ModelParams
+from .params import FlatParams, ModelParams
 
 FORMAT = "anetrain-checkpoint"
 VERSION = 1
@@ -44,9 +50,10 @@ MANIFEST = "manifest.json"
 class Checkpoint:
     path: Path
     cfg: ModelConfig
-    params: ModelParams
+    params: FlatParams  # the model, or a LoRA run's adapters (LoraParams)
     optimizer: AdamState | None
     manifest: dict[str, Any]
+    lora: LoraConfig | None = None
 
     @property
     def step(self) -> int:
@@ -68,7 +75,7 @@ def checkpoint_name(step: int) -> str:
 def save_checkpoint(
     run_dir: str | os.PathLike[str],
     name: str,
-    params: ModelParams,
+    params: FlatParams,
     optimizer: AdamState | None,
     manifest: dict[str, Any],
     *,
@@ -104,6 +111,7 @@ def save_checkpoint(
             "model": params.cfg.to_dict(),
             "files": files,
             "adam_t": optimizer.t if optimizer is not None else None,
+            **({"lora": params.lora.to_dict()} if isinstance(params, LoraParams) else {}),
             **manifest,
         }
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
@@ -236,25 +244,66 @@ def load_checkpoint(
         manifest = verify_checkpoint(p)
     try:
         cfg = make_config(**manifest["model"])
-    except (ConfigError, KeyError, TypeError) as e:
+        lora = LoraConfig.from_dict(manifest["lora"]) if manifest.get("lora") else None
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise InputError(p / MANIFEST, f"bad model config ({e})") from None
+    if lora is not None and not isinstance(manifest.get("base"), dict):
+        raise InputError(p / MANIFEST, "a LoRA checkpoint without its base model's description")
+
+    def build(tensors: dict[str, torch.Tensor]) -> FlatParams:
+        if lora is not None:
+            return LoraParams.from_tensors(cfg, lora, tensors)
+        return ModelParams.from_tensors(cfg, tensors)
+
     try:
         with safe_open(p / MODEL_FILE, "pt") as f:
-            params = ModelParams.from_tensors(cfg, {k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+            params = build({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
         optimizer = None
         if with_optimizer and (p / OPTIM_FILE).exists():
             with safe_open(p / OPTIM_FILE, "pt") as f:
                 names = list(f.keys())
-                m = ModelParams.from_tensors(
-                    cfg, {k[2:]: f.get_tensor(k) for k in names if k.startswith("m.")}
-                )
-                v = ModelParams.from_tensors(
-                    cfg, {k[2:]: f.get_tensor(k) for k in names if k.startswith("v.")}
-                )
+                m = build({k[2:]: f.get_tensor(k) for k in names if k.startswith("m.")})
+                v = build({k[2:]: f.get_tensor(k) for k in names if k.startswith("v.")})
             optimizer = AdamState(m, v, int(manifest.get("adam_t") or 0))
     except (SafetensorError, ConfigError, OSError) as e:
         raise InputError(p, f"unreadable checkpoint tensors ({e})") from None
-    return Checkpoint(p, cfg, params, optimizer, manifest)
+    return Checkpoint(p, cfg, params, optimizer, manifest, lora)
+
+
+def base_reference(spec: str, path: str | os.PathLike[str] | None, base: ModelParams) -> dict[str, Any]:
+    """What a LoRA run's manifests record about its frozen base model."""
+    return {
+        "model": spec,
+        "path": os.path.abspath(path) if path is not None else None,
+        "fingerprint": fingerprint(base),
+    }
+
+
+def load_base(
+    manifest: dict[str, Any], where: str | os.PathLike[str], hf_dtype: torch.dtype = torch.float32
+) -> ModelParams:
+    """The frozen base model a LoRA checkpoint names (its recorded path, else the --model it came from),
+    checked against the recorded fingerprint."""
+    from .formats import load_model
+
+    ref = manifest["base"]
+    spec = ref.get("path") if ref.get("path") and Path(ref["path"]).exists() else ref.get("model")
+    if not spec:
+        raise InputError(where, "the LoRA checkpoint does not say where its base model is")
+    base = load_model(spec, hf_dtype=hf_dtype)
+    cfg = make_config(**manifest["model"])
+    if config_difference(base.cfg, cfg):
+        raise InputError(
+            spec, f"is not the base model of the LoRA run in {where} ({config_difference(base.cfg, cfg)})"
+        )
+    if ref.get("fingerprint") and fingerprint(base.params) != ref["fingerprint"]:
+        raise InputError(
+            spec,
+            f"has other weights than the base model the LoRA adapters in {where} were trained on "
+            "(fingerprints differ)",
+        )
+    assert isinstance(base.params, ModelParams)
+    return ModelParams(cfg, base.params.flat)
 
 
 def config_difference(a: ModelConfig, b: ModelConfig) -> str | None:

@@ -12,8 +12,10 @@ A configuration fixes every shape of a Llama-2-family decoder:
     seq_len     S    the longest context the model is meant for (RoPE positions 0..S-1)
 
 plus the numerics that a file format may or may not be able to express: rope_theta, norm_eps, whether the
-classifier is tied to the token embedding, and the residual scale alpha applied to both residual branches
-(the original's dynamic pipeline uses alpha = 1/sqrt(2L), "DeepNet" scaling).
+classifier is tied to the token embedding, the residual scale alpha applied to both residual branches
+(the original's dynamic pipeline uses alpha = 1/sqrt(2L), "DeepNet" scaling), and ``qk_norm``: Qwen3's
+per-head RMSNorm of the queries and keys (gains q_norm, k_norm: [dh] each, eps = norm_eps) applied after the
+q/k projections and before RoPE.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tied_classifier: bool = True
     residual_scale: float = 1.0
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     name: str = field(default="custom", compare=False)
 
     # ---- derived sizes -------------------------------------------------------------------------
@@ -62,9 +65,13 @@ class ModelConfig:
         """R = H / Hkv: how many query heads share one key/value head."""
         return self.n_heads // self.n_kv_heads
 
+    def layer_norm_count(self) -> int:
+        """Elements of one layer's norm gains: the two RMSNorms (and q_norm, k_norm with QK-norm)."""
+        return 2 * self.dim + (2 * self.head_dim if self.qk_norm else 0)
+
     def layer_param_count(self) -> int:
         d, f = self.dim, self.hidden_dim
-        return self.q_dim * d + 2 * self.kv_dim * d + d * self.q_dim + 3 * f * d + 2 * d
+        return self.q_dim * d + 2 * self.kv_dim * d + d * self.q_dim + 3 * f * d + self.layer_norm_count()
 
     def param_count(self) -> int:
         """All trainable parameters (the tied classifier counted once)."""
@@ -76,9 +83,10 @@ class ModelConfig:
     def shape_line(self) -> str:
         kv = f"/{self.n_kv_heads}kv" if self.n_kv_heads != self.n_heads else ""
         hd = f" head_dim={self.head_dim}" if self.head_dim != self.dim // self.n_heads else ""
+        qk = " qk_norm" if self.qk_norm else ""
         return (
             f"dim={self.dim} hidden={self.hidden_dim} layers={self.n_layers} heads={self.n_heads}{kv}{hd} "
-            f"vocab={self.vocab_size} seq={self.seq_len}"
+            f"vocab={self.vocab_size} seq={self.seq_len}{qk}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,10 +164,9 @@ def make_config(**values: Any) -> ModelConfig:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise ConfigError(f"model config field {key} must be a number, got {v!r}")
             norm[key] = float(v)
-    if "tied_classifier" in norm and not isinstance(norm["tied_classifier"], bool):
-        raise ConfigError(
-            f"model config field tied_classifier must be true or false, got {norm['tied_classifier']!r}"
-        )
+    for key in ("tied_classifier", "qk_norm"):
+        if key in norm and not isinstance(norm[key], bool):
+            raise ConfigError(f"model config field {key} must be true or false, got {norm[key]!r}")
     for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
         if norm[key] <= 0:
             raise ConfigError(f"model config field {key} must be positive, got {norm[key]}")
@@ -251,6 +258,23 @@ PRESETS: dict[str, ModelConfig] = {
         head_dim=128,
         vocab_size=151936,
         seq_len=256,
+    ),
+    # The architecture of Qwen/Qwen3-0.6B exactly (its config.json): QK-norm, RoPE theta 1e6 on half-split
+    # pairs in HF's layout (anetrain's interleaved pairs after the import's row permutation), eps 1e-6, tied.
+    # As a preset it starts from random weights (benchmarks); fine-tuning loads the real ones with --model.
+    "qwen3-0.6b": make_config(
+        name="qwen3-0.6b",
+        dim=1024,
+        hidden_dim=3072,
+        n_layers=28,
+        n_heads=16,
+        n_kv_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        seq_len=40960,
+        rope_theta=1000000.0,
+        norm_eps=1e-6,
+        qk_norm=True,
     ),
 }
 

@@ -13,6 +13,7 @@ Names follow llama2.c's ``model.py`` (and so its state dicts)::
     tok_embeddings.weight                 [V, D]
     layers.{l}.attention_norm.weight      [D]
     layers.{l}.attention.wq.weight        [Dq, D]      wk, wv: [Dkv, D]    wo: [D, Dq]
+    layers.{l}.attention.q_norm.weight    [dh]         k_norm: [dh]        (QK-norm models only: Qwen3)
     layers.{l}.ffn_norm.weight            [D]
     layers.{l}.feed_forward.w1.weight     [F, D]       w3: [F, D]          w2: [D, F]
     norm.weight                           [D]
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +64,9 @@ def param_specs(cfg: ModelConfig) -> list[TensorSpec]:
         p = layer_prefix(layer)
         norms.append(TensorSpec(p + "attention_norm.weight", (d,), False))
         norms.append(TensorSpec(p + "ffn_norm.weight", (d,), False))
+        if cfg.qk_norm:
+            norms.append(TensorSpec(p + "attention.q_norm.weight", (cfg.head_dim,), False))
+            norms.append(TensorSpec(p + "attention.k_norm.weight", (cfg.head_dim,), False))
         mats += [
             TensorSpec(p + "attention.wq.weight", (cfg.q_dim, d), True),
             TensorSpec(p + "attention.wk.weight", (cfg.kv_dim, d), True),
@@ -86,6 +91,8 @@ class LayerParams:
     """Views of one transformer layer's tensors (weights, or gradients, or moments: same layout)."""
 
     attention_norm: torch.Tensor  # [D]
+    q_norm: torch.Tensor | None  # [dh]  QK-norm gains (None without QK-norm)
+    k_norm: torch.Tensor | None  # [dh]
     wq: torch.Tensor  # [Dq, D]
     wk: torch.Tensor  # [Dkv, D]
     wv: torch.Tensor  # [Dkv, D]
@@ -98,15 +105,17 @@ class LayerParams:
     w13: torch.Tensor  # [2F, D]: w1, w3 stacked (the same memory)
 
 
-class ModelParams:
-    """A named set of tensors laid out in one flat buffer (see the module docstring)."""
+class FlatParams:
+    """Named tensors laid out in one flat buffer, the no-decay ones first: what an optimizer, a gradient
+    all-reduce and a checkpoint work on. :class:`ModelParams` (a whole model) and
+    :class:`anetrain.lora.LoraParams` (a model's low-rank adapters) are the two kinds."""
 
-    def __init__(self, cfg: ModelConfig, flat: torch.Tensor) -> None:
-        specs = param_specs(cfg)
+    cfg: ModelConfig
+
+    def __init__(self, specs: list[TensorSpec], flat: torch.Tensor) -> None:
         total = sum(s.numel for s in specs)
         if flat.dim() != 1 or flat.numel() != total:
             raise ValueError(f"flat buffer has {flat.numel()} elements, the layout needs {total}")
-        self.cfg = cfg
         self.flat = flat
         self.specs = specs
         self.tensors: dict[str, torch.Tensor] = {}
@@ -119,7 +128,54 @@ class ModelParams:
                 n_no_decay = offset
         self.no_decay = flat[:n_no_decay]
         self.decay = flat[n_no_decay:]
+
+    def _with_flat(self, flat: torch.Tensor) -> FlatParams:
+        """The same layout over another flat buffer."""
+        raise NotImplementedError
+
+    def like(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Any:
+        """A zero-filled set with the same layout (for gradients, moments, compute copies)."""
+        return self._with_flat(
+            torch.zeros(self.flat.numel(), dtype=dtype or self.flat.dtype, device=device or self.flat.device)
+        )
+
+    def clone(self) -> Any:
+        return self._with_flat(self.flat.clone())
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Any:
+        return self._with_flat(
+            self.flat.to(dtype=dtype or self.flat.dtype, device=device or self.flat.device)
+        )
+
+    def named(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self.tensors.items())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def numel(self) -> int:
+        return self.flat.numel()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Named views (sharing storage with ``flat``)."""
+        return dict(self.tensors)
+
+    def buckets(self) -> list[torch.Tensor]:
+        """The flat buffer cut into the slices a backward pass finishes one after another (see
+        :meth:`ModelParams.buckets`); one slice unless a subclass knows better."""
+        return [self.flat]
+
+
+class ModelParams(FlatParams):
+    """A named set of tensors laid out in one flat buffer (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, flat: torch.Tensor) -> None:
+        super().__init__(param_specs(cfg), flat)
+        self.cfg = cfg
         self.layers = [self._layer(i) for i in range(cfg.n_layers)]
+
+    def _with_flat(self, flat: torch.Tensor) -> ModelParams:
+        return ModelParams(self.cfg, flat)
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -144,24 +200,14 @@ class ModelParams:
             p.tensors[s.name].copy_(t)
         return p
 
-    def like(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ModelParams:
-        """A zero-filled set with the same layout (for gradients, moments, compute copies)."""
-        return ModelParams.zeros(self.cfg, dtype or self.flat.dtype, device or self.flat.device)
-
-    def clone(self) -> ModelParams:
-        return ModelParams(self.cfg, self.flat.clone())
-
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ModelParams:
-        return ModelParams(
-            self.cfg, self.flat.to(dtype=dtype or self.flat.dtype, device=device or self.flat.device)
-        )
-
     # ---- access ----------------------------------------------------------------------------------
     def _layer(self, i: int) -> LayerParams:
         p = layer_prefix(i)
         t = self.tensors
         return LayerParams(
             attention_norm=t[p + "attention_norm.weight"],
+            q_norm=t.get(p + "attention.q_norm.weight"),
+            k_norm=t.get(p + "attention.k_norm.weight"),
             wq=t[p + "attention.wq.weight"],
             wk=t[p + "attention.wk.weight"],
             wv=t[p + "attention.wv.weight"],
@@ -190,7 +236,7 @@ class ModelParams:
         ]
         base, size = self.flat.data_ptr(), self.flat.element_size()
         offsets = [(p - base) // size for p in starts]
-        ends = [*offsets[1:], offsets[-1] + self.cfg.layer_param_count() - 2 * self.cfg.dim]
+        ends = [*offsets[1:], offsets[-1] + self.cfg.layer_param_count() - self.cfg.layer_norm_count()]
         out = [self.flat[lo:hi] for lo, hi in zip(offsets, ends, strict=True)][::-1]
         out.append(self.flat[: offsets[0]])
         if ends[-1] < self.flat.numel():
@@ -212,18 +258,41 @@ class ModelParams:
         """Wcls: [V, D]; the embedding itself when tied."""
         return self.tensors["tok_embeddings.weight" if self.cfg.tied_classifier else "output.weight"]
 
-    def named(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(self.tensors.items())
+    def gains(self, dtype: torch.dtype) -> ModelParams:
+        """A set whose norm gains (the no-decay slice) are ``dtype`` copies of these and whose matrices are
+        empty: what a pipeline with a frozen 16-bit model reads its fp32 gains from (``.layers[i].ffn_norm``,
+        ``.final_norm``). Only the gain views of the result are meaningful."""
+        flat = torch.empty(self.flat.numel(), dtype=dtype, device=self.flat.device)[: self.no_decay.numel()]
+        flat.copy_(self.no_decay)
+        return _GainsOnly(self.cfg, flat)
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
 
-    def numel(self) -> int:
-        return self.flat.numel()
+class _GainsOnly(ModelParams):
+    """A :class:`ModelParams` over just the no-decay slice (see :meth:`ModelParams.gains`)."""
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Named views (sharing storage with ``flat``)."""
-        return dict(self.tensors)
+    def __init__(self, cfg: ModelConfig, gains: torch.Tensor) -> None:
+        specs = [s for s in param_specs(cfg) if not s.decay]
+        FlatParams.__init__(self, specs, gains)
+        self.cfg = cfg
+        t = self.tensors
+        self.layers = [
+            LayerParams(
+                attention_norm=t[layer_prefix(i) + "attention_norm.weight"],
+                q_norm=t.get(layer_prefix(i) + "attention.q_norm.weight"),
+                k_norm=t.get(layer_prefix(i) + "attention.k_norm.weight"),
+                wq=gains[:0],
+                wk=gains[:0],
+                wv=gains[:0],
+                wo=gains[:0],
+                ffn_norm=t[layer_prefix(i) + "ffn_norm.weight"],
+                w1=gains[:0],
+                w2=gains[:0],
+                w3=gains[:0],
+                qkv=gains[:0],
+                w13=gains[:0],
+            )
+            for i in range(cfg.n_layers)
+        ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,10 +317,7 @@ def init_params(cfg: ModelConfig, scheme: str = "llama2c", seed: int = 1337) -> 
     assumes square attention matrices (Dq = Dkv = D).
     """
     p = ModelParams.zeros(cfg)
-    for layer in p.layers:
-        layer.attention_norm.fill_(1.0)
-        layer.ffn_norm.fill_(1.0)
-    p.final_norm.fill_(1.0)
+    p.no_decay.fill_(1.0)  # every norm gain (attention, FFN, final; q_norm/k_norm with QK-norm)
     if scheme == "llama2c":
         g = torch.Generator().manual_seed(seed)
         small = 0.02 / math.sqrt(2 * cfg.n_layers)

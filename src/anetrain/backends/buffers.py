@@ -4,8 +4,9 @@ function that sizes and allocates them (llm.c's ``ActivationTensors`` and its si
 A field declared ``xn: torch.Tensor = buf("B S D")`` is a [B, S, D] tensor in the compute dtype;
 ``buf("B S 1", FP32)`` is one in float32. A shape is a space-separated list of sizes, each a product of
 numbers and the symbols of :class:`Dims` (``"B*Hkv R*S S"``); ``""`` is a scalar. A buffer that only one
-variant uses (``only="hand"``: hand fusion; ``only="compaction"``: a compacted vocabulary) is allocated with
-no elements when that variant is off. :func:`allocate` makes every buffer of a class for one set of dims.
+variant uses (``only="hand"``: hand fusion; ``only="compaction"``: a compacted vocabulary; ``only="qknorm"``:
+a QK-norm model; ``"a|b"``: either) is allocated with no elements when that variant is off. :func:`allocate`
+makes every buffer of a class for one set of dims.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ class Dims:
     C: int  # rows of the cross-entropy's fp32 chunk
     Vblk: int  # rows of one block of the classifier's weight-gradient product
     A: int  # elements of the fp32 scratch through which 16-bit products are added into fp32 gradients
+    # LoRA (0 without): the adapter widths k*r of each projection group (k adapted members of rank r)
+    Uqkv: int = 0
+    Uo: int = 0
+    U13: int = 0
+    U2: int = 0
+    P: int = 0  # elements of the largest adapter weight-gradient product
+
+    @property
+    def Hqk(self) -> int:  # query and key heads together (QK-norm normalizes each of them)
+        return self.H + self.Hkv
 
     @property
     def N(self) -> int:  # tokens per micro-batch
@@ -94,7 +105,7 @@ def allocate(
         if "shape" not in meta:
             continue
         dtype = compute if meta["dtype"] == COMPUTE else meta["dtype"]
-        wanted = meta["only"] is None or meta["only"] in features
+        wanted = meta["only"] is None or any(o in features for o in meta["only"].split("|"))
         shape = shape_of(meta["shape"], dims) if wanted else (0,)
         tensors[f.name] = torch.empty(shape, dtype=dtype, device=device)
     return cls(**tensors, **others)

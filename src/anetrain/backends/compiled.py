@@ -165,6 +165,26 @@ def cross_entropy_chunk(
     logits.copy_((e / total - onehot.to(z.dtype)) * grad_scale)
 
 
+@_compiled
+def weighted_cross_entropy_chunk(
+    logits: torch.Tensor,
+    loss_acc: torch.Tensor,
+    targets: torch.Tensor,
+    grad_scale: torch.Tensor,
+    weights: torch.Tensor,
+) -> None:
+    """:func:`cross_entropy_chunk` with each row's loss and gradient times its weight ([c] fp32: a loss
+    mask, 1 where the target counts and 0 where it does not)."""
+    z = logits.float()
+    m = z.amax(dim=-1, keepdim=True)
+    e = torch.exp(z - m)
+    total = e.sum(dim=-1, keepdim=True)
+    picked = torch.gather(z, 1, targets[:, None])
+    loss_acc.add_(((m + torch.log(total) - picked) * weights[:, None]).sum())
+    onehot = torch.arange(z.shape[1], device=z.device)[None, :] == targets[:, None]
+    logits.copy_((e / total - onehot.to(z.dtype)) * grad_scale * weights[:, None])
+
+
 # ---- backward ------------------------------------------------------------------------------------------
 def _norm_backward(
     dxn: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, g: torch.Tensor, dg_acc: torch.Tensor

@@ -43,7 +43,7 @@ def rmsnorm_forward_into(
 
 def rmsnorm_backward_into(
     dx_acc: torch.Tensor,
-    dg_acc: torch.Tensor,
+    dg_acc: torch.Tensor | None,
     dy: torch.Tensor,
     x: torch.Tensor,
     rstd: torch.Tensor,
@@ -52,7 +52,7 @@ def rmsnorm_backward_into(
     proj: torch.Tensor,
     dg_tmp: torch.Tensor,
 ) -> None:
-    """dx_acc += RMSNorm'(dy); dg_acc += sum_t dy * xhat.
+    """dx_acc += RMSNorm'(dy); dg_acc += sum_t dy * xhat (not computed when dg_acc is None: a frozen gain).
 
     dy, x: [B, S, D] (16-bit); rstd, proj: [B, S, 1] fp32; dx_acc and the three scratch tensors: [B, S, D]
     fp32; g, dg_acc, dg_tmp: [D] fp32. dx = rstd * (dy*g - xhat * mean(dy*g*xhat)) with xhat = x * rstd.
@@ -61,9 +61,10 @@ def rmsnorm_backward_into(
     xhat.copy_(x)
     xhat.mul_(rstd)
     dys.copy_(dy)
-    torch.mul(dys, xhat, out=tmp)
-    torch.sum(tmp, dim=(0, 1), out=dg_tmp)
-    dg_acc.add_(dg_tmp)
+    if dg_acc is not None:
+        torch.mul(dys, xhat, out=tmp)
+        torch.sum(tmp, dim=(0, 1), out=dg_tmp)
+        dg_acc.add_(dg_tmp)
     dys.mul_(g)  # dxhat
     torch.mul(dys, xhat, out=tmp)
     torch.sum(tmp, dim=-1, keepdim=True, out=proj)
@@ -71,6 +72,81 @@ def rmsnorm_backward_into(
     xhat.mul_(proj)
     dys.sub_(xhat).mul_(rstd)
     dx_acc.add_(dys)
+
+
+# ---- QK-norm (Qwen3), in place on the q and k columns of the qkv projection ------------------------------
+def _qk_heads(qkv: torch.Tensor, hqk: int, dh: int) -> torch.Tensor:
+    """The q and k columns of qkv [B, S, Dq+2Dkv] as heads: a [B, S, H+Hkv, dh] view."""
+    return qkv[..., : hqk * dh].unflatten(-1, (hqk, dh))
+
+
+def qk_norm_forward_into(
+    qkv: torch.Tensor,
+    raw: torch.Tensor,
+    rstd: torch.Tensor,
+    gq: torch.Tensor,
+    gk: torch.Tensor,
+    eps: float,
+    a: torch.Tensor,
+    b: torch.Tensor,
+) -> None:
+    """Each q and k head of qkv replaced by RMSNorm(head) * gain (q heads gq, k heads gk; fp32, rounded once).
+
+    qkv: [B, S, Dq+2Dkv] (16-bit); raw: [B, S, H+Hkv, dh] the heads before (16-bit tap);
+    rstd: [B, S, H+Hkv, 1] fp32; gq, gk: [dh] fp32; a, b: [B, S, H+Hkv, dh] fp32 scratch."""
+    hqk, dh = raw.shape[-2], raw.shape[-1]
+    h = hqk - (qkv.shape[-1] - hqk * dh) // dh  # the k heads are as many as the v heads after them
+    heads = _qk_heads(qkv, hqk, dh)
+    raw.copy_(heads)
+    a.copy_(heads)
+    torch.mul(a, a, out=b)
+    torch.sum(b, dim=-1, keepdim=True, out=rstd)
+    rstd.mul_(1.0 / dh).add_(eps).rsqrt_()
+    a.mul_(rstd)
+    a[..., :h, :].mul_(gq)
+    a[..., h:, :].mul_(gk)
+    heads.copy_(a)
+
+
+def qk_norm_backward_into(
+    dqkv: torch.Tensor,
+    raw: torch.Tensor,
+    rstd: torch.Tensor,
+    gq: torch.Tensor,
+    gk: torch.Tensor,
+    dgq: torch.Tensor | None,
+    dgk: torch.Tensor | None,
+    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    proj: torch.Tensor,
+    dg_tmp: torch.Tensor,
+) -> None:
+    """The q and k columns of dqkv (the gradient of the normalized heads, 16-bit) through QK-norm's backward,
+    in place; dgq, dgk += the gains' gradients (skipped when None).
+
+    dx = rstd * (dy*g - xhat * mean(dy*g*xhat)), dg = sum over tokens and heads of dy * xhat, xhat = raw*rstd.
+    raw: [B, S, H+Hkv, dh]; rstd, proj: [B, S, H+Hkv, 1] fp32; scratch: three [B, S, H+Hkv, dh] fp32; dg_tmp:
+    [dh] fp32."""
+    hqk, dh = raw.shape[-2], raw.shape[-1]
+    h = hqk - (dqkv.shape[-1] - hqk * dh) // dh
+    xhat, dys, tmp = scratch
+    heads = _qk_heads(dqkv, hqk, dh)
+    xhat.copy_(raw)
+    xhat.mul_(rstd)
+    dys.copy_(heads)
+    if dgq is not None and dgk is not None:
+        torch.mul(dys, xhat, out=tmp)
+        torch.sum(tmp[..., :h, :], dim=(0, 1, 2), out=dg_tmp)
+        dgq.add_(dg_tmp)
+        torch.sum(tmp[..., h:, :], dim=(0, 1, 2), out=dg_tmp)
+        dgk.add_(dg_tmp)
+    dys[..., :h, :].mul_(gq)  # dxhat
+    dys[..., h:, :].mul_(gk)
+    torch.mul(dys, xhat, out=tmp)
+    torch.sum(tmp, dim=-1, keepdim=True, out=proj)
+    proj.mul_(1.0 / dh)
+    xhat.mul_(proj)
+    dys.sub_(xhat).mul_(rstd)
+    heads.copy_(dys)
 
 
 # ---- RoPE, fused with the split of the qkv projection and the transpose to heads ---------------------
@@ -201,8 +277,10 @@ def cross_entropy_chunk_into(
     flat_idx: torch.Tensor,
     row_base: torch.Tensor,
     minus_one: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> None:
     """dlogits = (softmax - onehot) * grad_scale; loss_acc += sum of -log p[target]   (c rows of [c, V]).
+    With ``weights`` ([c] fp32, a loss mask), each row's loss and gradient times its weight.
 
     logits16: [c, V] (16-bit GEMM output; may be the same memory as dlogits, which is written last);
     probs: [c, V] fp32 scratch; targets: [c] int64; picked: [c, 1] fp32; picked_sum: [] fp32; flat_idx: [c]
@@ -214,11 +292,15 @@ def cross_entropy_chunk_into(
     aten._softmax.out(probs, -1, False, out=probs)
     torch.gather(probs, 1, targets[:, None], out=picked)
     picked.clamp_min_(1e-38).log_()
+    if weights is not None:
+        picked.mul_(weights[:, None])
     torch.sum(picked, dim=(0, 1), out=picked_sum)
     loss_acc.sub_(picked_sum)
     torch.add(row_base, targets, out=flat_idx)
     probs.view(-1).index_add_(0, flat_idx, minus_one)  # minus the one-hot target
     probs.mul_(grad_scale)
+    if weights is not None:
+        probs.mul_(weights[:, None])
     dlogits.copy_(probs)
 
 

@@ -80,6 +80,12 @@ class FusionScratch:
     row_base: torch.Tensor = buf("C", INT64, only="hand")  # = arange(C) * V
     minus_one: torch.Tensor = buf("C", FP32, only="hand")  # = -1 (the one-hot's subtraction)
     grad_scale: torch.Tensor = buf("", FP32, only="compile")  # cross-entropy's scale as a tensor
+    # QK-norm (forward and backward): the q and k heads in fp32, their statistics, a gain's gradient
+    qk_a: torch.Tensor = buf("B S Hqk dh", FP32, only="qknorm")
+    qk_b: torch.Tensor = buf("B S Hqk dh", FP32, only="qknorm")
+    qk_c: torch.Tensor = buf("B S Hqk dh", FP32, only="qknorm")
+    qk_proj: torch.Tensor = buf("B S Hqk 1", FP32, only="qknorm")
+    qk_dg: torch.Tensor = buf("dh", FP32, only="qknorm")
 
 
 class HandFusion:
@@ -87,8 +93,14 @@ class HandFusion:
 
     name = "hand"
 
-    def make_scratch(self, dims: Dims, compute: torch.dtype, tables: AttentionTables) -> FusionScratch:
-        s = allocate(FusionScratch, dims, compute, tables.mask.device, frozenset({self.name}), tables=tables)
+    def make_scratch(
+        self,
+        dims: Dims,
+        compute: torch.dtype,
+        tables: AttentionTables,
+        features: frozenset[str] = frozenset(),
+    ) -> FusionScratch:
+        s = allocate(FusionScratch, dims, compute, tables.mask.device, features | {self.name}, tables=tables)
         torch.arange(dims.C, out=s.row_base).mul_(dims.V)
         s.minus_one.fill_(-1.0)
         return s
@@ -118,6 +130,36 @@ class HandFusion:
     ) -> None:
         fused.rope_split_into(q, k, v, qkv, (s.tables.fq, s.tables.fk), s.qkv32, s.rot32)
 
+    def qk_norm(
+        self,
+        qkv: torch.Tensor,
+        raw: torch.Tensor,
+        rstd: torch.Tensor,
+        gq: torch.Tensor,
+        gk: torch.Tensor,
+        eps: float,
+        s: FusionScratch,
+    ) -> None:
+        """QK-norm in place on the q and k columns of the projection qkv; raw and rstd kept (taps)."""
+        fused.qk_norm_forward_into(qkv, raw, rstd, gq, gk, eps, s.qk_a, s.qk_b)
+
+    def qk_norm_backward(
+        self,
+        dqkv: torch.Tensor,
+        raw: torch.Tensor,
+        rstd: torch.Tensor,
+        gq: torch.Tensor,
+        gk: torch.Tensor,
+        dgq: torch.Tensor | None,
+        dgk: torch.Tensor | None,
+        s: FusionScratch,
+    ) -> None:
+        """The q and k columns of dqkv, w.r.t. the normalized heads, become w.r.t. the raw projection; the
+        gains' gradients are added into dgq, dgk (skipped when None: frozen gains)."""
+        fused.qk_norm_backward_into(
+            dqkv, raw, rstd, gq, gk, dgq, dgk, (s.qk_a, s.qk_b, s.qk_c), s.qk_proj, s.qk_dg
+        )
+
     def masked_softmax(self, p: torch.Tensor, scores: torch.Tensor, s: FusionScratch) -> None:
         seq = s.tables.mask.shape[0]
         s.scores32.copy_(scores)
@@ -135,9 +177,11 @@ class HandFusion:
         targets: torch.Tensor,
         grad_scale: float,
         s: FusionScratch,
+        weights: torch.Tensor | None = None,
     ) -> None:
         """loss += the chunk's summed cross-entropy; logits [c, V] (16-bit) are overwritten with their
-        gradient (softmax - onehot) * grad_scale."""
+        gradient (softmax - onehot) * grad_scale. ``weights`` ([c] fp32, a loss mask): each row's loss and
+        gradient times its weight."""
         c = logits.shape[0]
         fused.cross_entropy_chunk_into(
             logits,
@@ -151,12 +195,13 @@ class HandFusion:
             s.flat_idx[:c],
             s.row_base[:c],
             s.minus_one[:c],
+            weights,
         )
 
     def norm_backward(
         self,
         dx: torch.Tensor,
-        dg_acc: torch.Tensor,
+        dg_acc: torch.Tensor | None,
         dres: torch.Tensor | None,
         dxn: torch.Tensor,
         x: torch.Tensor,
@@ -166,8 +211,9 @@ class HandFusion:
         dscaled: torch.Tensor | None,
         s: FusionScratch,
     ) -> None:
-        """dx = dres + RMSNorm'(dxn) (dres absent: zero); dg_acc += the gain's gradient; dscaled = alpha * dx
-        rounded to 16 bits (when given: the gradient of the block below's output)."""
+        """dx = dres + RMSNorm'(dxn) (dres absent: zero); dg_acc += the gain's gradient (None: a frozen gain,
+        not computed); dscaled = alpha * dx rounded to 16 bits (when given: the gradient of the block below's
+        output)."""
         if dres is None:
             dx.zero_()
         else:
@@ -199,9 +245,15 @@ class CompiledFusion(HandFusion):
 
     name = "compile"
 
-    def make_scratch(self, dims: Dims, compute: torch.dtype, tables: AttentionTables) -> FusionScratch:
+    def make_scratch(
+        self,
+        dims: Dims,
+        compute: torch.dtype,
+        tables: AttentionTables,
+        features: frozenset[str] = frozenset(),
+    ) -> FusionScratch:
         return allocate(
-            FusionScratch, dims, compute, tables.mask.device, frozenset({self.name}), tables=tables
+            FusionScratch, dims, compute, tables.mask.device, features | {self.name}, tables=tables
         )
 
     def norm_tap(
@@ -240,14 +292,18 @@ class CompiledFusion(HandFusion):
         targets: torch.Tensor,
         grad_scale: float,
         s: FusionScratch,
+        weights: torch.Tensor | None = None,
     ) -> None:
         s.grad_scale.fill_(grad_scale)
-        compiled.cross_entropy_chunk(logits, loss, targets, s.grad_scale)
+        if weights is None:
+            compiled.cross_entropy_chunk(logits, loss, targets, s.grad_scale)
+        else:
+            compiled.weighted_cross_entropy_chunk(logits, loss, targets, s.grad_scale, weights)
 
     def norm_backward(
         self,
         dx: torch.Tensor,
-        dg_acc: torch.Tensor,
+        dg_acc: torch.Tensor | None,
         dres: torch.Tensor | None,
         dxn: torch.Tensor,
         x: torch.Tensor,
@@ -257,6 +313,8 @@ class CompiledFusion(HandFusion):
         dscaled: torch.Tensor | None,
         s: FusionScratch,
     ) -> None:
+        if dg_acc is None:  # a frozen gain: its gradient goes to scratch
+            dg_acc = s.dg_tmp
         if dres is None and dscaled is None:
             compiled.norm_backward(dx, dg_acc, dxn, x, rstd, g)
         elif dres is not None and dscaled is not None:

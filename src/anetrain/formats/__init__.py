@@ -2,8 +2,10 @@
 
 ``load_model(path)`` detects the format and returns a :class:`LoadedModel`; ``save_model`` writes one
 atomically. Formats: llama2.c v0/v1/v2 (``llama2c.py``, Q8_0 in ``q80.py``), the original trainer's BLZT
-checkpoints (``blzt.py``) and Hugging Face safetensors directories (``hf.py``). Reading also takes anetrain's
-own checkpoint directories (``anetrain.checkpoint``), so trained runs can be inspected and exported.
+checkpoints (``blzt.py``), Hugging Face safetensors directories (``hf.py``: Llama and Qwen3) and, for writing
+LoRA adapters, peft adapter directories (``peft.py``). Reading also takes anetrain's own checkpoint
+directories (``anetrain.checkpoint``), so trained runs can be inspected and exported (a LoRA run's with its
+adapters merged into its base, and the adapters beside), and Hugging Face Hub ids (``hub.py``).
 
 Detection: a directory (or a file inside one) with ``config.json`` is HF; one with ``manifest.json`` is an
 anetrain checkpoint; one with ``checkpoints/`` is a run directory (read: its newest verified checkpoint). A
@@ -17,11 +19,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import ConfigError, InputError
 from ..optim import AdamState
 from ..params import ModelParams
 from . import blzt, hf, llama2c
 from .common import FORMATS, LoadedModel, map_file
+from .hub import local_path
 from .llama2c import read_llama2c
 
 CHECKPOINT_MANIFEST = "manifest.json"  # anetrain.checkpoint.MANIFEST (imported lazily: it imports much more)
@@ -64,11 +69,14 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     return "unknown"
 
 
-def load_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """Read any supported model file or directory (format detected, see the module docstring)."""
+def load_model(path: str | os.PathLike[str], hf_dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Read any supported model file or directory (format detected, see the module docstring); a Hugging
+    Face Hub id is fetched (or taken from the cache) first. ``hf_dtype``: the dtype a Hugging Face model is
+    read into (float32; a frozen LoRA base may be read straight into 16 bits)."""
+    path = local_path(path)
     fmt = detect_format(path)
     if fmt == "hf":
-        return hf.read_hf(path)
+        return hf.read_hf(path, hf_dtype)
     if fmt == "blzt":
         return blzt.read_blzt(path)
     if fmt.startswith("anetrain-"):
@@ -103,8 +111,30 @@ def read_anetrain_checkpoint(path: str | os.PathLike[str], run_dir: bool = False
         for k, v in c.manifest.items()
         if k not in ("format", "version") and isinstance(v, int | float | str) and not isinstance(v, bool)
     )
+    source = c.manifest.get("hf_source")
+    if c.lora is not None:  # the adapters merged into their base; the adapters themselves beside
+        from ..lora import merge
+
+        base = checkpoint.load_base(c.manifest, c.path)
+        extras["lora"] = f"rank {c.lora.rank}, alpha {c.lora.alpha:g}, targets {','.join(c.lora.targets)}"
+        extras["base_model"] = c.manifest["base"]["model"]
+        assert isinstance(c.params, checkpoint.LoraParams)
+        return LoadedModel(
+            cfg=c.cfg,
+            params=merge(base, c.params),
+            format="anetrain-checkpoint",
+            extras=extras,
+            source=source,
+            adapters=c.params,
+        )
+    assert isinstance(c.params, ModelParams)
     return LoadedModel(
-        cfg=c.cfg, params=c.params, format="anetrain-checkpoint", optimizer=c.optimizer, extras=extras
+        cfg=c.cfg,
+        params=c.params,
+        format="anetrain-checkpoint",
+        optimizer=c.optimizer,
+        extras=extras,
+        source=source,
     )
 
 
@@ -114,16 +144,25 @@ def save_model(
     fmt: str,
     optimizer: AdamState | None = None,
     extras: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+    adapters: Any = None,
 ) -> dict[str, Any]:
     """Write ``params`` as ``fmt`` (one of :data:`FORMATS`) atomically; returns notes for the user.
 
     ``optimizer`` and ``extras`` (step, loss, lr, ...) are stored only by BLZT; the other formats ignore
-    them. Raises :class:`ConfigError` when the format cannot express the model (nothing is written then).
+    them. ``source`` (a :class:`LoadedModel`'s): the Hugging Face model it came from, whose token ids and
+    tokenizer files an hf (or peft) export keeps. ``peft`` writes ``adapters`` (a LoRA run's), referring to
+    ``extras["base_model"]``. Raises :class:`ConfigError` when the format cannot express the model (nothing
+    is written then).
     """
     if fmt.startswith("llama2c-v") and fmt in FORMATS:
         return llama2c.write_llama2c(path, params, int(fmt[-1]))
     if fmt == "hf":
-        return hf.write_hf(path, params)
+        return hf.write_hf(path, params, source)
+    if fmt == "peft":
+        from .peft import write_peft
+
+        return write_peft(path, adapters, (extras or {}).get("base_model"), source)
     if fmt in ("blzt-v2", "blzt-v4"):
         return blzt.write_blzt(path, params, int(fmt[-1]), optimizer=optimizer, extras=extras)
     raise ConfigError(f"unknown model format {fmt!r} (known: {', '.join(FORMATS)})")

@@ -17,7 +17,7 @@ from ..optim import AdamState
 from ..params import ModelParams
 
 # Every format save_model can write, in the order the CLI lists them.
-FORMATS = ("llama2c-v0", "llama2c-v1", "llama2c-v2", "hf", "blzt-v2", "blzt-v4")
+FORMATS = ("llama2c-v0", "llama2c-v1", "llama2c-v2", "hf", "blzt-v2", "blzt-v4", "peft")
 
 # What llama2.c's run.c and the original trainer hard-code; formats without fields for them store only these.
 LLAMA2C_ROPE_THETA = 10000.0
@@ -33,6 +33,11 @@ class LoadedModel:
     format: str  # e.g. "llama2c-v0", "blzt-v4", "hf"
     optimizer: AdamState | None = None  # Adam moments when the file has them (BLZT)
     extras: dict[str, Any] = field(default_factory=dict)  # header fields worth reporting (step, loss, ...)
+    # the Hugging Face model this one came from ({"dir": ..., "config": {...}}): an hf export keeps its token
+    # ids and copies its tokenizer files
+    source: dict[str, Any] | None = None
+    # LoRA: the adapters (params is then the merged model) and their base model's description
+    adapters: Any = None
 
 
 def map_file(path: str | os.PathLike[str]) -> np.ndarray:
@@ -77,13 +82,17 @@ def require_expressible(
     norm_eps: bool = True,
     kv_heads: bool = False,
     tied: bool = False,
+    qk_norm: bool = True,
 ) -> None:
     """Raise :class:`ConfigError` for the first property of ``cfg`` that ``fmt`` has no field for.
 
     Each keyword names a constraint the format imposes: ``head_dim`` (it must be dim/n_heads),
     ``rope_theta`` and ``norm_eps`` (llama2.c's fixed 10000 and 1e-5), ``kv_heads`` (no GQA) and ``tied``
-    (no separate classifier). Writers call this before opening the output, so nothing is written.
+    (no separate classifier), ``qk_norm`` (no QK-norm gains: every format but hf). Writers call this before
+    opening the output, so nothing is written.
     """
+    if qk_norm and cfg.qk_norm:
+        raise ConfigError(f"{fmt} cannot store QK-norm (a Qwen3 model's q_norm/k_norm); use --format hf")
     if head_dim and cfg.head_dim * cfg.n_heads != cfg.dim:
         raise ConfigError(
             f"{fmt} cannot store head_dim {cfg.head_dim} != dim/n_heads {cfg.dim // cfg.n_heads} "

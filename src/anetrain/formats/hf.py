@@ -1,15 +1,24 @@
-"""Hugging Face ``LlamaForCausalLM`` directories: ``config.json`` + ``model.safetensors``, read and write.
+"""Hugging Face ``LlamaForCausalLM`` and ``Qwen3ForCausalLM`` directories: ``config.json`` + safetensors.
 
 Tensor names map one to one (``model.layers.N.self_attn.q_proj.weight`` is our
 ``layers.N.attention.wq.weight``, ``mlp.gate_proj``/``up_proj``/``down_proj`` are w1/w3/w2,
-``input_layernorm``/``post_attention_layernorm`` the two norms, ``lm_head.weight`` the untied classifier).
-One real difference: HF rotates *half-split* pairs (i, i + dh/2) inside each head, llama2.c and anetrain
-*interleaved* pairs (2i, 2i+1). So the rows of wq (per query head) and of wk (per key/value head) are
-permuted on export, as llama2.c's ``export.py`` does, and back on import; attention scores, and so the
-model, are unchanged. A residual scale is folded into wo and w2.
+``input_layernorm``/``post_attention_layernorm`` the two norms, Qwen3's ``self_attn.q_norm``/``k_norm`` our
+``attention.q_norm``/``k_norm``, ``lm_head.weight`` the untied classifier). One real difference: HF rotates
+*half-split* pairs (i, i + dh/2) inside each head, llama2.c and anetrain *interleaved* pairs (2i, 2i+1). So
+the rows of wq (per query head) and of wk (per key/value head) are permuted on export, as llama2.c's
+``export.py`` does, and back on import; attention scores, and so the model, are unchanged. Qwen3's QK-norm
+gains ([dh], one element per row of a head) get the same permutation: RMSNorm over a head does not care
+about the order of its elements, only that each gain meets its element. A residual scale is folded into wo
+and w2.
 
-Reading also accepts a sharded checkpoint (``model.safetensors.index.json`` naming the shard files) and
-float16/bfloat16 tensors (converted to float32). Only safetensors is read: never pickle.
+Reading accepts a sharded checkpoint (``model.safetensors.index.json`` naming the shard files) and
+float16/bfloat16 tensors (converted to float32), tensor by tensor. A config that needs something anetrain does
+not implement (RoPE scaling, sliding-window attention, biases, mixture of experts, another activation) is
+refused with one line saying which, never approximated. Only safetensors is read: never pickle.
+
+Writing produces the architecture that was read: Qwen3 for a QK-norm model, Llama otherwise; given the source
+directory's config (``source``), its token ids and other non-architecture fields are kept, and its tokenizer
+files and generation_config.json are copied, so transformers loads the result with its tokenizer.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +46,8 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 _LAYER_NAMES = {
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight",
@@ -53,6 +65,18 @@ _GLOBAL_NAMES = {
 }
 _LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: model_type -> the architecture class transformers builds
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+#: files of a source directory that an export copies beside the weights (tokenizer, generation defaults)
+COMPANION_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+#: config.json fields an export takes from the source model (they are not part of anetrain's ModelConfig)
+_KEPT_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache")
 
 
 def hf_name(name: str) -> str:
@@ -63,6 +87,28 @@ def hf_name(name: str) -> str:
     if not m or m.group(2) not in _LAYER_NAMES:
         raise KeyError(name)
     return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+
+
+def to_hf_layout(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """A tensor of ours in HF's layout: q/k rows (and the QK-norm gains) permuted to half-split pairs."""
+    if name.endswith("attention.wq.weight"):
+        return interleaved_to_half(t, cfg.n_heads)
+    if name.endswith("attention.wk.weight"):
+        return interleaved_to_half(t, cfg.n_kv_heads)
+    if name.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+        return interleaved_to_half(t[:, None], 1)[:, 0]
+    return t
+
+
+def from_hf_layout(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The inverse of :func:`to_hf_layout`."""
+    if name.endswith("attention.wq.weight"):
+        return half_to_interleaved(t, cfg.n_heads)
+    if name.endswith("attention.wk.weight"):
+        return half_to_interleaved(t, cfg.n_kv_heads)
+    if name.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+        return half_to_interleaved(t[:, None], 1)[:, 0]
+    return t
 
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -84,11 +130,26 @@ def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 # Writing
 
 
-def hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    """config.json for ``cfg`` (whose residual scale must already be 1)."""
+def model_type(cfg: ModelConfig) -> str:
+    """The HF model_type that expresses ``cfg``: qwen3 with QK-norm, llama otherwise."""
+    return "qwen3" if cfg.qk_norm else "llama"
+
+
+def hf_config(cfg: ModelConfig, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json for ``cfg`` (whose residual scale must already be 1); ``source``: the config.json of the
+    model it came from, whose token ids and other non-architecture fields are kept."""
+    mt = model_type(cfg)
+    out: dict[str, Any] = {"bos_token_id": 1, "eos_token_id": 2}
+    if source:
+        out.update({k: source[k] for k in _KEPT_FIELDS if k in source})
+    extra: dict[str, Any] = {}
+    if mt == "qwen3":
+        extra = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+    else:
+        extra = {"mlp_bias": False}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[mt]],
+        "model_type": mt,
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.hidden_dim,
         "num_attention_heads": cfg.n_heads,
@@ -105,10 +166,10 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tied_classifier,
         "hidden_act": "silu",
         "attention_bias": False,
-        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        **extra,
         "torch_dtype": "float32",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        **out,
     }
 
 
@@ -119,28 +180,51 @@ def hf_tensors(params: ModelParams) -> dict[str, torch.Tensor]:
     cfg = params.cfg
     out: dict[str, torch.Tensor] = {}
     for name, t in params.named():
-        if name.endswith("attention.wq.weight"):
-            t = interleaved_to_half(t, cfg.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            t = interleaved_to_half(t, cfg.n_kv_heads)
-        out[hf_name(name)] = t.detach().to(torch.float32).contiguous().clone()
+        out[hf_name(name)] = to_hf_layout(name, t.detach(), cfg).to(torch.float32).contiguous().clone()
     return out
 
 
-def write_hf(path: str | os.PathLike[str], params: ModelParams) -> dict[str, Any]:
-    """Write a HF directory (config.json, model.safetensors), each file atomically; returns notes."""
+def write_hf(
+    path: str | os.PathLike[str], params: ModelParams, source: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write a HF directory (config.json, model.safetensors), each file atomically; returns notes.
+
+    ``source`` (``{"dir": ..., "config": {...}}``, what :func:`read_hf` records in its extras) names the model
+    this one came from: its config's token ids are kept and its tokenizer files copied beside the weights.
+    """
     d = Path(path)
     if d.exists() and not d.is_dir():
         raise ConfigError(f"{d}: exists and is not a directory (the hf format writes a directory)")
     cfg = params.cfg
-    notes: dict[str, Any] = {}
+    notes: dict[str, Any] = {"architecture": ARCHITECTURES[model_type(cfg)]}
     if cfg.residual_scale != 1.0:
         notes["folded_residual_scale"] = cfg.residual_scale
     tensors = hf_tensors(params)
+    src_cfg = source.get("config") if source else None
     d.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(d / WEIGHTS, safetensors_save(tensors, metadata={"format": "pt"}))
-    atomic_write_text(d / CONFIG, json.dumps(hf_config(cfg.with_(residual_scale=1.0)), indent=2) + "\n")
+    config = hf_config(cfg.with_(residual_scale=1.0), src_cfg if isinstance(src_cfg, dict) else None)
+    atomic_write_text(d / CONFIG, json.dumps(config, indent=2) + "\n")
+    copied = copy_companions(source.get("dir") if source else None, d)
+    if copied:
+        notes["copied"] = ", ".join(copied)
     return notes
+
+
+def copy_companions(src: str | os.PathLike[str] | None, dst: Path) -> list[str]:
+    """Copy the tokenizer files and generation_config.json of ``src`` (a HF directory) into ``dst``, each
+    atomically; the names copied (none when ``src`` is None or no longer exists)."""
+    if not src or not Path(src).is_dir() or Path(src).resolve() == dst.resolve():
+        return []
+    copied = []
+    for name in COMPANION_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            tmp = dst / f".{name}.tmp-{os.getpid()}"
+            shutil.copyfile(f, tmp)  # follows the HF cache's symlinks
+            os.replace(tmp, dst / name)
+            copied.append(name)
+    return copied
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,31 +250,55 @@ def _float_field(path: Path, data: dict[str, Any], key: str, default: float) -> 
 
 
 def config_from_hf(path: Path, data: Any, name: str = "hf") -> ModelConfig:
-    """Validate a LlamaForCausalLM config.json (already parsed) and turn it into a :class:`ModelConfig`.
+    """Validate a LlamaForCausalLM or Qwen3ForCausalLM config.json (already parsed) and turn it into a
+    :class:`ModelConfig`; anything anetrain does not implement is refused with one line naming it.
 
-    Missing optional fields take transformers' LlamaConfig defaults (rms_norm_eps 1e-6, rope_theta 10000,
+    Missing optional fields take transformers' defaults (rms_norm_eps 1e-6, rope_theta 10000,
     tie_word_embeddings false, max_position_embeddings 2048).
     """
     if not isinstance(data, dict):
         raise InputError(path, "must hold a JSON object")
-    if data.get("model_type") != "llama":
-        raise InputError(path, f"model_type is {data.get('model_type')!r}; only 'llama' can be read")
+    mt = data.get("model_type")
+    if mt not in ARCHITECTURES:
+        raise InputError(
+            path,
+            f"model_type is {mt!r}; only 'llama' (Llama 2/3, SmolLM2, TinyLlama, ...) and 'qwen3' "
+            "can be read",
+        )
     act = data.get("hidden_act", "silu")
     if act != "silu":
         raise InputError(path, f"hidden_act {act!r} is not supported (only 'silu')")
     for key in ("attention_bias", "mlp_bias"):
         if data.get(key, False) is not False:
             raise InputError(path, f"field {key} must be false (biases are not supported)")
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if data.get(key):
+            raise InputError(
+                path, f"field {key} is {data[key]!r}: mixture-of-experts models are not supported"
+            )
+    if data.get("use_sliding_window"):
+        raise InputError(path, "use_sliding_window is true: sliding-window attention is not supported")
+    layer_types = data.get("layer_types")
+    if isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
+        raise InputError(
+            path, "layer_types has non-full attention layers: sliding-window attention is not supported"
+        )
     if data.get("rope_scaling") not in (None, {}):
-        raise InputError(path, f"rope_scaling {data['rope_scaling']!r} is not supported")
+        raise InputError(
+            path, f"rope_scaling {data['rope_scaling']!r} is not supported (only plain RoPE, no scaling)"
+        )
     theta = data.get("rope_theta", 10000.0)
     rope = data.get("rope_parameters")
     if rope is not None:
         if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
-            raise InputError(path, f"rope_parameters {rope!r} is not supported (only rope_type 'default')")
+            raise InputError(
+                path, f"rope_parameters {rope!r} is not supported (only rope_type 'default': no RoPE scaling)"
+            )
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise InputError(path, "rope_parameters.partial_rotary_factor must be 1")
         theta = rope.get("rope_theta", theta)
+    if data.get("partial_rotary_factor", 1.0) != 1.0:
+        raise InputError(path, "partial_rotary_factor must be 1 (RoPE on the whole head)")
     tied = data.get("tie_word_embeddings", False)
     if not isinstance(tied, bool):
         raise InputError(path, f"field tie_word_embeddings must be true or false, got {tied!r}")
@@ -208,6 +316,7 @@ def config_from_hf(path: Path, data: Any, name: str = "hf") -> ModelConfig:
         rope_theta=_float_field(path, {"rope_theta": theta}, "rope_theta", 10000.0),
         norm_eps=_float_field(path, data, "rms_norm_eps", 1e-6),
         tied_classifier=tied,
+        qk_norm=mt == "qwen3",
         name=name,
     )
     try:
@@ -236,27 +345,23 @@ def _weight_files(d: Path) -> list[Path]:
     return [d / s for s in shards]
 
 
-def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def _tensor_index(files: list[Path]) -> dict[str, Path]:
+    """Every tensor name of the safetensors files -> the file holding it (headers only, nothing loaded)."""
+    out: dict[str, Path] = {}
     for f in files:
         if not f.is_file():
             raise InputError(f, "is missing (named by the safetensors index)")
         try:
             with safe_open(os.fspath(f), framework="pt") as st:
                 for key in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    out[key] = st.get_tensor(key)
-        except InputError:
-            raise
+                    out[key] = f
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise wrap_input_error(f, e) from None
     return out
 
 
-def read_hf(path: str | os.PathLike[str]) -> LoadedModel:
-    """Read a HF LlamaForCausalLM directory (or the directory of a given ``model.safetensors``)."""
-    d = Path(path)
-    if d.is_file():
-        d = d.parent
+def read_config(d: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The ModelConfig and the raw config.json of a HF directory."""
     cfg_path = d / CONFIG
     if not cfg_path.is_file():
         raise InputError(d, f"is not a Hugging Face model directory (no {CONFIG})")
@@ -264,23 +369,38 @@ def read_hf(path: str | os.PathLike[str]) -> LoadedModel:
         data = json.loads(cfg_path.read_text("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(cfg_path, f"not valid JSON ({e})") from None
-    cfg = config_from_hf(cfg_path, data, name=d.resolve().name)
+    return config_from_hf(cfg_path, data, name=d.resolve().name), data
+
+
+def read_hf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Read a HF LlamaForCausalLM/Qwen3ForCausalLM directory (or the directory of a given safetensors file)
+    into ``dtype`` parameters (float32 by default), one tensor at a time."""
+    d = Path(path)
+    if d.is_file():
+        d = d.parent
+    cfg, raw = read_config(d)
     files = _weight_files(d)
-    tensors = _read_tensors(files)
+    index = _tensor_index(files)
     where = files[0] if len(files) == 1 else d
-    params = ModelParams.zeros(cfg)
+    params = ModelParams.zeros(cfg, dtype)
     expected = {hf_name(n): n for n in params.tensors}
-    if cfg.tied_classifier:
-        tensors.pop("lm_head.weight", None)  # transformers ties it to the embedding on load anyway
-    for key in tensors:
-        if key not in expected and not key.endswith("rotary_emb.inv_freq"):
-            raise InputError(
-                where, f"has unexpected tensor {key} (not part of a {cfg.shape_line()} Llama model)"
-            )
+    kind = "Qwen3" if cfg.qk_norm else "Llama"
+    for key in index:
+        if key in expected or key.endswith("rotary_emb.inv_freq"):
+            continue
+        if key == "lm_head.weight" and cfg.tied_classifier:
+            continue  # transformers ties it to the embedding on load anyway
+        raise InputError(
+            where, f"has unexpected tensor {key} (not part of a {cfg.shape_line()} {kind} model)"
+        )
     for key, name in expected.items():
-        if key not in tensors:
+        if key not in index:
             raise InputError(where, f"is missing tensor {key}")
-        t = tensors[key]
+        try:
+            with safe_open(os.fspath(index[key]), framework="pt") as st:
+                t = st.get_tensor(key)
+        except Exception as e:
+            raise wrap_input_error(index[key], e) from None
         if t.dtype not in _FLOAT_DTYPES:
             raise InputError(where, f"tensor {key} has dtype {t.dtype}, expected a floating-point type")
         if tuple(t.shape) != tuple(params[name].shape):
@@ -288,11 +408,12 @@ def read_hf(path: str | os.PathLike[str]) -> LoadedModel:
                 where,
                 f"tensor {key} has shape {tuple(t.shape)}, config.json implies {tuple(params[name].shape)}",
             )
-        t = t.to(torch.float32)
-        if name.endswith("attention.wq.weight"):
-            t = half_to_interleaved(t, cfg.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            t = half_to_interleaved(t, cfg.n_kv_heads)
-        params[name].copy_(t)
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(where, f"tensor {key} contains NaN or infinite weights")
+        params[name].copy_(from_hf_layout(name, t, cfg))
+        del t
     require_finite(where, params.flat)
-    return LoadedModel(cfg=cfg, params=params, format="hf", extras={"weight_files": len(files)})
+    source = {"dir": str(d.resolve()), "config": raw}
+    return LoadedModel(
+        cfg=cfg, params=params, format="hf", extras={"weight_files": len(files)}, source=source
+    )

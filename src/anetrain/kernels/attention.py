@@ -3,7 +3,8 @@
 Forward (x: [B, S, D] is the layer input)::
 
     xn, rstd = RMSNorm(x; g_att)
-    q = xn Wq^T : [B, S, H, dh]      k = xn Wk^T, v = xn Wv^T : [B, S, Hkv, dh]
+    q = xn Wq^T : [B, S, H, dh]      k = xn Wk^T, v = xn Wv^T : [B, S, Hkv, dh]   (+ LoRA: kernels/lora.py)
+    q, k = QKNorm(q; g_q), QKNorm(k; g_k)               (QK-norm models: kernels/qk_norm.py)
     q, k = RoPE(q), RoPE(k)
     per query head h, with kv head j = h // R  (R = H / Hkv):
         P_h   = softmax(q_h k_j^T / sqrt(dh) + M)      M[t, t'] = -inf where t' > t  (causal)
@@ -20,18 +21,24 @@ does); the backward recomputes P from q, k and lse, as the original's sdpaBwd1 r
     dq_h = dS_h k_j / sqrt(dh)
     dk_j = sum_{h in group j} dS_h^T q_h / sqrt(dh)      the GQA reduction sums each group's R heads
     dq, dk = RoPE^-1(dq), RoPE^-1(dk)
-    dxn  = dq Wq + dk Wk + dv Wv
+    dq, dk = QKNorm'(dq), QKNorm'(dk)                   (QK-norm; the gains' gradients: separate dW kernels)
+    dxn  = dq Wq + dk Wk + dv Wv                        (+ each adapter's du A)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from .lora import Adapter, lora_backward_dx, lora_forward
 from .norm import rmsnorm_forward, stat_dtype
+from .qk_norm import qk_norm_backward_dx, qk_norm_forward
 from .rope import Rope, rope_backward, rope_forward
+
+#: the two QK-norm gains (g_q, g_k: [dh] each), or None for a model without QK-norm
+QKGains = tuple[torch.Tensor, torch.Tensor] | None
 
 
 @dataclass
@@ -47,15 +54,27 @@ class AttentionTaps:
     out: torch.Tensor  # [B, H, S, dh] attention output per head
     lse: torch.Tensor  # [B, H, S]     log-sum-exp of each scaled, masked score row (stat dtype)
     attn: torch.Tensor  # [B, S, Dq]   heads concatenated (dW of wo)
+    # QK-norm only: the projections before the norm and the norm statistics
+    q_raw: torch.Tensor | None = None  # [B, S, H, dh]
+    k_raw: torch.Tensor | None = None  # [B, S, Hkv, dh]
+    rstd_q: torch.Tensor | None = None  # [B, S, H, 1]
+    rstd_k: torch.Tensor | None = None  # [B, S, Hkv, 1]
+    # LoRA only: each adapted projection's u = s x A^T ("wq", "wk", "wv"): [B, S, r]
+    lora_u: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class AttentionGrads:
     """The gradients of the projections' outputs, for the dW GEMMs (all token-major, pre-RoPE frame)."""
 
-    dq: torch.Tensor  # [B, S, Dq]
+    dq: torch.Tensor  # [B, S, Dq]   of q = xn Wq^T (before QK-norm)
     dk: torch.Tensor  # [B, S, Dkv]
     dv: torch.Tensor  # [B, S, Dkv]
+    # QK-norm only: the gradients of the normalized heads (the gains' dW kernel reads them)
+    dqn: torch.Tensor | None = None  # [B, S, H, dh]
+    dkn: torch.Tensor | None = None  # [B, S, Hkv, dh]
+    # LoRA only: each adapter's du = s dy B: [B, S, r]
+    lora_du: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,6 +130,17 @@ def causal_attention_backward(
 # Block kernels
 
 
+def _project(
+    xn: torch.Tensor, w: torch.Tensor, name: str, lora: dict[str, Adapter] | None, taps_u: dict
+) -> torch.Tensor:
+    """xn W^T, plus the adapter's u B^T when ``name`` is adapted (its u kept in ``taps_u``)."""
+    y = xn @ w.t()
+    if lora and name in lora:
+        delta, taps_u[name] = lora_forward(xn, lora[name])
+        y = y + delta
+    return y
+
+
 def attention_forward(
     x: torch.Tensor,
     g_att: torch.Tensor,
@@ -121,20 +151,46 @@ def attention_forward(
     n_heads: int,
     n_kv_heads: int,
     eps: float,
+    qk_gains: QKGains = None,
+    lora: dict[str, Adapter] | None = None,
 ) -> tuple[torch.Tensor, AttentionTaps]:
-    """attn, taps.  x: [B, S, D]; wq: [Dq, D]; wk, wv: [Dkv, D] -> attn: [B, S, Dq]."""
+    """attn, taps.  x: [B, S, D]; wq: [Dq, D]; wk, wv: [Dkv, D] -> attn: [B, S, Dq].
+
+    ``qk_gains``: (g_q, g_k) of a QK-norm model; ``lora``: adapters of "wq", "wk", "wv" (any of them)."""
     b, s, _ = x.shape
     dh = wq.shape[0] // n_heads
+    us: dict[str, torch.Tensor] = {}
     xn, rstd = rmsnorm_forward(x, g_att, eps)  # [B, S, D], [B, S, 1]
-    q = (xn @ wq.t()).view(b, s, n_heads, dh)  # [B, S, H, dh]
-    k = (xn @ wk.t()).view(b, s, n_kv_heads, dh)  # [B, S, Hkv, dh]
-    v = (xn @ wv.t()).view(b, s, n_kv_heads, dh)
+    q = _project(xn, wq, "wq", lora, us).view(b, s, n_heads, dh)  # [B, S, H, dh]
+    k = _project(xn, wk, "wk", lora, us).view(b, s, n_kv_heads, dh)  # [B, S, Hkv, dh]
+    v = _project(xn, wv, "wv", lora, us).view(b, s, n_kv_heads, dh)
+    q_raw = k_raw = rstd_q = rstd_k = None
+    if qk_gains is not None:
+        q_raw, k_raw = q, k
+        q, rstd_q = qk_norm_forward(q, qk_gains[0], eps)  # [B, S, H, dh], [B, S, H, 1]
+        k, rstd_k = qk_norm_forward(k, qk_gains[1], eps)  # [B, S, Hkv, dh], [B, S, Hkv, 1]
     q = rope_forward(q, rope.cos[:s], rope.sin[:s]).transpose(1, 2)  # [B, H, S, dh]
     k = rope_forward(k, rope.cos[:s], rope.sin[:s]).transpose(1, 2)  # [B, Hkv, S, dh]
     v = v.transpose(1, 2)  # [B, Hkv, S, dh]
     out, lse = causal_attention_forward(q, k, v)  # [B, H, S, dh], [B, H, S]
     attn = out.transpose(1, 2).reshape(b, s, n_heads * dh)  # [B, S, Dq]
-    return attn, AttentionTaps(x=x, rstd=rstd, xn=xn, q=q, k=k, v=v, out=out, lse=lse, attn=attn)
+    taps = AttentionTaps(
+        x=x,
+        rstd=rstd,
+        xn=xn,
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        lse=lse,
+        attn=attn,
+        q_raw=q_raw,
+        k_raw=k_raw,
+        rstd_q=rstd_q,
+        rstd_k=rstd_k,
+        lora_u=us,
+    )
+    return attn, taps
 
 
 def output_forward(x: torch.Tensor, attn: torch.Tensor, wo: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -161,6 +217,8 @@ def attention_backward_dx(
     wk: torch.Tensor,
     wv: torch.Tensor,
     rope: Rope,
+    qk_gains: QKGains = None,
+    lora: dict[str, Adapter] | None = None,
 ) -> tuple[torch.Tensor, AttentionGrads]:
     """dxn, grads.  dattn: [B, S, Dq] -> dxn: [B, S, D] (gradient w.r.t. the normalized input)."""
     b, h, s, dh = taps.q.shape
@@ -168,8 +226,22 @@ def attention_backward_dx(
     dout = dattn.view(b, s, h, dh).transpose(1, 2)  # [B, H, S, dh]
     dq, dk, dv = causal_attention_backward(dout, taps.q, taps.k, taps.v, taps.lse)
     # Back to token-major and through the inverse rotation.
-    dq = rope_backward(dq.transpose(1, 2), rope.cos[:s], rope.sin[:s]).reshape(b, s, h * dh)  # [B, S, Dq]
-    dk = rope_backward(dk.transpose(1, 2), rope.cos[:s], rope.sin[:s]).reshape(b, s, hkv * dh)  # [B, S, Dkv]
+    dq = rope_backward(dq.transpose(1, 2), rope.cos[:s], rope.sin[:s])  # [B, S, H, dh]
+    dk = rope_backward(dk.transpose(1, 2), rope.cos[:s], rope.sin[:s])  # [B, S, Hkv, dh]
+    dqn = dkn = None
+    if qk_gains is not None:
+        assert taps.q_raw is not None and taps.k_raw is not None
+        assert taps.rstd_q is not None and taps.rstd_k is not None
+        dqn, dkn = dq, dk
+        dq = qk_norm_backward_dx(dqn, taps.q_raw, taps.rstd_q, qk_gains[0])  # [B, S, H, dh]
+        dk = qk_norm_backward_dx(dkn, taps.k_raw, taps.rstd_k, qk_gains[1])  # [B, S, Hkv, dh]
+    dq = dq.reshape(b, s, h * dh)  # [B, S, Dq]
+    dk = dk.reshape(b, s, hkv * dh)  # [B, S, Dkv]
     dv = dv.transpose(1, 2).reshape(b, s, hkv * dh)  # [B, S, Dkv]
     dxn = dq @ wq + dk @ wk + dv @ wv  # [B, S, D]
-    return dxn, AttentionGrads(dq=dq, dk=dk, dv=dv)
+    dus: dict[str, torch.Tensor] = {}
+    for name, d in (("wq", dq), ("wk", dk), ("wv", dv)):
+        if lora and name in lora:
+            dx_l, dus[name] = lora_backward_dx(d, lora[name])
+            dxn = dxn + dx_l
+    return dxn, AttentionGrads(dq=dq, dk=dk, dv=dv, dqn=dqn, dkn=dkn, lora_du=dus)

@@ -14,14 +14,18 @@ Backward (dy = dL/dx')::
     dh3 = dg * silu(h1)
     dh1 = dg * h3 * sigmoid(h1) * (1 + h1 * (1 - sigmoid(h1)))
     dxn2 = dh1 W1 + dh3 W3                  [B, S, D]     (dW of W1, W3: dh1^T xn2, dh3^T xn2)
+
+With LoRA adapters (``kernels/lora.py``) on w1, w3 or w2, each projection adds u B^T in the forward and
+du A in the backward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from .lora import Adapter, lora_backward_dx, lora_forward
 from .norm import rmsnorm_forward, stat_dtype
 
 
@@ -35,6 +39,7 @@ class FFNTaps:
     h1: torch.Tensor  # [B, S, F]  gate pre-activation
     h3: torch.Tensor  # [B, S, F]  up projection
     g: torch.Tensor  # [B, S, F]   silu(h1) * h3 (dW of w2)
+    lora_u: dict[str, torch.Tensor] = field(default_factory=dict)  # LoRA: "w1", "w3", "w2" -> [B, S, r]
 
 
 @dataclass
@@ -44,6 +49,7 @@ class FFNGrads:
     df: torch.Tensor  # [B, S, D]
     dh1: torch.Tensor  # [B, S, F]
     dh3: torch.Tensor  # [B, S, F]
+    lora_du: dict[str, torch.Tensor] = field(default_factory=dict)  # LoRA: "w1", "w3", "w2" -> [B, S, r]
 
 
 def swiglu_forward(h1: torch.Tensor, h3: torch.Tensor) -> torch.Tensor:
@@ -73,23 +79,50 @@ def ffn_forward(
     w3: torch.Tensor,
     alpha: float,
     eps: float,
+    lora: dict[str, Adapter] | None = None,
 ) -> tuple[torch.Tensor, FFNTaps]:
-    """x_out, taps.  x2: [B, S, D]; w1, w3: [F, D]; w2: [D, F] -> x_out: [B, S, D]."""
+    """x_out, taps.  x2: [B, S, D]; w1, w3: [F, D]; w2: [D, F] -> x_out: [B, S, D].
+
+    ``lora``: adapters of "w1", "w3", "w2" (any of them)."""
+    us: dict[str, torch.Tensor] = {}
+
+    def project(x: torch.Tensor, w: torch.Tensor, name: str) -> torch.Tensor:
+        y = x @ w.t()
+        if lora and name in lora:
+            delta, us[name] = lora_forward(x, lora[name])
+            y = y + delta
+        return y
+
     xn2, rstd = rmsnorm_forward(x2, g_ffn, eps)  # [B, S, D]
-    h1 = xn2 @ w1.t()  # [B, S, F]
-    h3 = xn2 @ w3.t()  # [B, S, F]
+    h1 = project(xn2, w1, "w1")  # [B, S, F]
+    h3 = project(xn2, w3, "w3")  # [B, S, F]
     g = swiglu_forward(h1, h3)  # [B, S, F]
-    f = g @ w2.t()  # [B, S, D]
+    f = project(g, w2, "w2")  # [B, S, D]
     x_out = x2 + f if alpha == 1.0 else x2 + alpha * f
-    return x_out, FFNTaps(x2=x2, rstd=rstd, xn2=xn2, h1=h1, h3=h3, g=g)
+    return x_out, FFNTaps(x2=x2, rstd=rstd, xn2=xn2, h1=h1, h3=h3, g=g, lora_u=us)
 
 
 def ffn_backward_dx(
-    dy: torch.Tensor, taps: FFNTaps, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, alpha: float
+    dy: torch.Tensor,
+    taps: FFNTaps,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor,
+    alpha: float,
+    lora: dict[str, Adapter] | None = None,
 ) -> tuple[torch.Tensor, FFNGrads]:
     """dxn2, grads.  dy: [B, S, D] -> dxn2: [B, S, D] (gradient w.r.t. the normalized input)."""
+    dus: dict[str, torch.Tensor] = {}
+
+    def back(d: torch.Tensor, w: torch.Tensor, name: str) -> torch.Tensor:
+        dx = d @ w
+        if lora and name in lora:
+            dx_l, dus[name] = lora_backward_dx(d, lora[name])
+            dx = dx + dx_l
+        return dx
+
     df = dy if alpha == 1.0 else alpha * dy  # [B, S, D]
-    dg = df @ w2  # [B, S, F]
+    dg = back(df, w2, "w2")  # [B, S, F]
     dh1, dh3 = swiglu_backward(dg, taps.h1, taps.h3)  # [B, S, F] each
-    dxn2 = dh1 @ w1 + dh3 @ w3  # [B, S, D]
-    return dxn2, FFNGrads(df=df, dh1=dh1, dh3=dh3)
+    dxn2 = back(dh1, w1, "w1") + back(dh3, w3, "w3")  # [B, S, D]
+    return dxn2, FFNGrads(df=df, dh1=dh1, dh3=dh3, lora_du=dus)

@@ -26,11 +26,23 @@ What differs from the baseline, and why:
   with the head transpose and the query scale folded in, grouped-GEMM attention for GQA, SwiGLU, and a
   chunked cross-entropy that never holds fp32 logits for more than ``loss_chunk`` rows.
 * **Fused optimizer.** AdamW is torch's fused multi-tensor kernel over two flat tensors (``anetrain.optim``).
+
+QK-norm models (Qwen3) normalize each head of the q/k projection's output in fp32 (rounded once into the
+16-bit qkv buffer that RoPE then reads), keeping the raw heads and their 1/rms for the backward.
+
+**LoRA** (``lora``: the adapters; ``params`` is then the frozen base, in any dtype): the base is kept once, in
+the compute dtype (no fp32 master, no gradients, no optimizer state; fp32 copies of its norm gains only), and
+``params``/``grads`` are the adapters' (fp32 master, 16-bit compute copy). Every projection adds its adapters'
+u B^T after its GEMM (one GEMM for the stacked A's of a fused group: u = s x [A_q; A_k; A_v]^T), the dx chain
+adds du A after its frozen GEMM, and the dW executor forms only the adapters' products (gB = dy^T u,
+gA = du^T x): the frozen weights' dW GEMMs, a third of a step's matrix work, the norm gains' and embedding's
+gradients and the classifier's dW are never computed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -40,7 +52,9 @@ from ..backends.fusion import choose as choose_fusion
 from ..backends.gemm import MatMul, blas_threads, torch_matmul
 from ..backends.gemm import choose as choose_gemm
 from ..data.compaction import VocabCompaction
-from ..params import ModelParams
+from ..errors import ConfigError
+from ..lora import GROUPS, LoraParams, io_dims
+from ..params import FlatParams, ModelParams
 from ..timing import PhaseTimes
 from .base import GradReadyHook
 from .dw import DeviceDW, SerialDW, StreamDW, ThreadDW
@@ -52,6 +66,44 @@ Accumulate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+@dataclass
+class LoraGroup:
+    """One layer's adapters on one fused projection group (qkv, wo, w13 or w2): the stacked A's of its
+    adapted members and each member's B with the output columns it adds to; compute copies and the fp32
+    gradients they accumulate into (views of the flat buffers)."""
+
+    a: torch.Tensor  # [k r, in]  compute dtype
+    bs: list[torch.Tensor]  # [out_j, r] each
+    segs: list[tuple[int, int]]  # output columns of member j in the group's fused output
+    ga: torch.Tensor  # [k r, in] fp32 gradient
+    gbs: list[torch.Tensor]  # [out_j, r] fp32 gradients
+
+
+def lora_groups(cfg, lw: LoraParams, grads: LoraParams, layer: int) -> dict[str, LoraGroup | None]:
+    """The adapters of ``layer`` per projection group (None for a group without adapted members)."""
+    out: dict[str, LoraGroup | None] = {}
+    r = lw.lora.rank
+    for group, members in GROUPS.items():
+        a = lw.stacked_a(layer, group)
+        ga = grads.stacked_a(layer, group)
+        if a is None or ga is None:
+            out[group] = None
+            continue
+        bs, gbs, segs = [], [], []
+        lo = 0
+        for m in members:
+            width = io_dims(cfg, m)[1]
+            if m in lw.lora.targets:
+                ad, gad = lw.adapters(layer)[m], grads.adapters(layer)[m]
+                bs.append(ad.b)
+                gbs.append(gad.b)
+                segs.append((lo, lo + width))
+            lo += width
+        assert a.shape[0] == r * len(bs)
+        out[group] = LoraGroup(a, bs, segs, ga, gbs)
+    return out
+
+
 class OptimizedPipeline:
     """Implements :class:`anetrain.pipeline.base.Pipeline`; see the module docstring."""
 
@@ -61,6 +113,7 @@ class OptimizedPipeline:
         self,
         params: ModelParams,
         *,
+        lora: LoraParams | None = None,
         dtype: str = "bf16",
         dw_device: str | None = None,
         compaction: VocabCompaction | None = None,
@@ -70,7 +123,6 @@ class OptimizedPipeline:
         fusion: str = "auto",
     ) -> None:
         self.cfg = params.cfg
-        self.params = params  # fp32 master
         self.device = params.flat.device
         self.backend = self.device.type
         self.precision = dtype
@@ -78,7 +130,27 @@ class OptimizedPipeline:
         self.needs_loss_scaling = dtype == "fp16"
         # fp32 products on the CPU go through oneDNN (else numpy; backends/gemm.py), 16-bit ones through torch
         self.blas, self.mm = choose_gemm(self.compute_dtype, self.device, blas)
-        self.grads = params.like()
+        self.lora = lora
+        if lora is None:
+            self.params: FlatParams = params  # fp32 master
+            # the compute copy of the weights (the master itself in fp32)
+            self.w = params if self.compute_dtype == torch.float32 else params.like(self.compute_dtype)
+            self.g32: ModelParams = params  # fp32 norm gains and embedding rows
+            self.lw: LoraParams | None = None
+        else:
+            if dw_device is not None:
+                raise ConfigError("--dw-device is not supported with LoRA (the adapters' products are small)")
+            # the frozen base in the compute dtype, once; fp32 copies of its norm gains; the adapters train
+            self.w = params if params.flat.dtype == self.compute_dtype else params.to(self.compute_dtype)
+            self.g32 = params.gains(torch.float32)
+            self.params = lora
+            lora.base = self.w
+            self.lw = lora if self.compute_dtype == torch.float32 else lora.like(self.compute_dtype)
+        self.grads = self.params.like()
+        self._groups: list[dict[str, LoraGroup | None]] = []
+        if self.lw is not None:
+            assert isinstance(self.grads, LoraParams)
+            self._groups = [lora_groups(self.cfg, self.lw, self.grads, i) for i in range(self.cfg.n_layers)]
         self._overwrite = False  # see zero_grad()
         # elementwise work: hand-fused operators or torch.compile'd kernels (backends/fusion.py)
         self.elementwise, self.note = choose_fusion(fusion, self.device)
@@ -86,8 +158,7 @@ class OptimizedPipeline:
         self.times = PhaseTimes()
         self.compaction = compaction
         self.loss_chunk = loss_chunk or 64
-        # the compute copy of the weights (the master itself in fp32), and the compacted classifier's rows
-        self.w = params if self.compute_dtype == torch.float32 else params.like(self.compute_dtype)
+        # the compacted classifier's rows
         self.w_cls: torch.Tensor = self.w.classifier
         self._ids: torch.Tensor | None = None  # compacted classifier rows -> vocabulary ids
         self._full_to_compact: torch.Tensor | None = None  # vocabulary ids -> compacted rows
@@ -124,8 +195,12 @@ class OptimizedPipeline:
 
     # ---- state ---------------------------------------------------------------------------------
     def after_update(self) -> None:
-        """Refresh the 16-bit weights (one cast over the flat buffer) and the compacted classifier."""
-        if self.w is not self.params:
+        """Refresh the 16-bit weights (one cast over the flat buffer; with LoRA, the adapters') and the
+        compacted classifier."""
+        if self.lw is not None:
+            if self.lw is not self.params:
+                self.lw.flat.copy_(self.params.flat)
+        elif self.w is not self.params:
             self.w.flat.copy_(self.params.flat)
         if self._ids is not None:
             torch.index_select(self.w.classifier, 0, self._ids, out=self.w_cls)
@@ -140,6 +215,9 @@ class OptimizedPipeline:
             self.grads.flat.zero_()
             return
         self._overwrite = True
+        if self.lora is not None:  # every adapter gradient is one product per micro-step: all overwritten
+            return
+        assert isinstance(self.grads, ModelParams)
         self.grads.no_decay.zero_()
         if not self.cfg.tied_classifier or self.compaction is not None:
             self.grads.embedding.zero_()
@@ -161,7 +239,8 @@ class OptimizedPipeline:
         """The workspace for [batch, seq] micro-batches (made anew when the shape changes)."""
         if self.ws is None or (batch, seq) != (self.ws.dims.B, self.ws.dims.S):
             self.ws = None  # the old one's memory is free before the new one is made
-            dims = workspace_dims(self.cfg, batch, seq, self.w_cls.shape[0], self.loss_chunk)
+            lc = self.lora.lora if self.lora is not None else None
+            dims = workspace_dims(self.cfg, batch, seq, self.w_cls.shape[0], self.loss_chunk, lc)
             self.ws = make_workspace(
                 self.cfg, dims, self.compute_dtype, self.device, self.elementwise, self.compaction is not None
             )
@@ -169,15 +248,19 @@ class OptimizedPipeline:
 
     # ---- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def loss(self, window: torch.Tensor) -> float:
+    def loss(self, window: torch.Tensor, loss_mask: torch.Tensor | None = None) -> float:
         ws = self._workspace(window.shape[0], window.shape[1] - 1)
         with blas_threads(self.blas):
             self._forward(window, ws)
-            return float(self._classifier(ws, 1.0, backward=False, first=False))
+            return float(self._classifier(ws, 1.0, backward=False, first=False, mask=loss_mask))
 
     # ---- one micro-step ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward_backward(self, window: torch.Tensor, grad_scale: float = 1.0) -> float:
+    def forward_backward(
+        self, window: torch.Tensor, grad_scale: float = 1.0, loss_mask: torch.Tensor | None = None
+    ) -> float:
+        """Forward and backward of a [B, S+1] window batch; ``loss_mask`` ([B, S] bool): the targets the
+        loss is the mean over (all when None)."""
         b, s1 = window.shape
         ws = self._workspace(b, s1 - 1)
         # this micro-step's products overwrite the gradients when it is the first since zero_grad()
@@ -186,7 +269,7 @@ class OptimizedPipeline:
         with blas_threads(self.blas):
             with self.times.phase("forward"):
                 self._forward(window, ws)
-                loss = self._classifier(ws, grad_scale, backward=True, first=first)
+                loss = self._classifier(ws, grad_scale, backward=True, first=first, mask=loss_mask)
             with self.times.phase("backward_dx"):
                 self._backward(ws, first)
             self.times.add("wait", self.dw.wait())
@@ -198,7 +281,7 @@ class OptimizedPipeline:
         return float(loss)
 
     def _forward(self, window: torch.Tensor, ws: Workspace) -> None:
-        cfg, w, p32, mm, elem, s = self.cfg, self.w, self.params, self.mm, self.elementwise, ws.scratch
+        cfg, w, g32, mm, elem, s = self.cfg, self.w, self.g32, self.mm, self.elementwise, ws.scratch
         alpha, eps = cfg.residual_scale, cfg.norm_eps
         b, seq, n = ws.dims.B, ws.dims.S, ws.dims.N
         ws.tokens.view(b, seq).copy_(window[:, :-1])
@@ -208,24 +291,61 @@ class OptimizedPipeline:
             ws.targets_full.view(b, seq).copy_(window[:, 1:])
             torch.index_select(self._full_to_compact, 0, ws.targets_full, out=ws.targets)
         x = ws.x
-        torch.index_select(p32.embedding, 0, ws.tokens, out=x.view(n, -1))  # fp32 rows of the master table
+        if self.lora is None or w.flat.dtype == torch.float32:
+            table = g32.embedding if self.lora is None else w.embedding
+            torch.index_select(table, 0, ws.tokens, out=x.view(n, -1))  # fp32 rows of the master table
+        else:  # a frozen 16-bit base: its rows, widened into the fp32 residual stream
+            torch.index_select(w.embedding, 0, ws.tokens, out=ws.xL.view(n, -1))
+            x.copy_(ws.xL)
         # each block's output joins the residual inside the next norm step (delta: None before the first)
         delta: torch.Tensor | None = None
-        for lw, lp, lb in zip(w.layers, p32.layers, ws.layers, strict=True):
-            # attention block: x += alpha f; tap x; xn = RMSNorm(x); qkv; RoPE; attention
+        for i, (lw, lp, lb) in enumerate(zip(w.layers, g32.layers, ws.layers, strict=True)):
+            groups = self._groups[i] if self._groups else None
+            # attention block: x += alpha f; tap x; xn = RMSNorm(x); qkv (+ LoRA); [QK-norm]; RoPE; attention
             elem.norm_tap(x, delta, alpha, lb.x, lp.attention_norm, eps, lb.xn, lb.rstd1, s)
             mm(lb.xn.view(n, -1), lw.qkv.t(), ws.qkv.view(n, -1))
+            if groups and groups["qkv"]:
+                self._lora_forward(lb.xn.view(n, -1), groups["qkv"], lb.u_qkv.view(n, -1), ws.qkv.view(n, -1))
+            if cfg.qk_norm:
+                assert lp.q_norm is not None and lp.k_norm is not None
+                elem.qk_norm(ws.qkv, lb.qk, lb.qk_rstd, lp.q_norm, lp.k_norm, eps, s)
             elem.rope_split(lb.q, lb.k, lb.v, ws.qkv, s)
             self._attention_forward(ws, lb)
             lb.attn.view(b, seq, cfg.n_heads, -1).copy_(ws.out.transpose(1, 2))
             mm(lb.attn.view(n, -1), lw.wo.t(), ws.o.view(n, -1))
-            # FFN block: x += alpha o; tap x2; xn2 = RMSNorm(x2); h13; SwiGLU; f
+            if groups and groups["wo"]:
+                self._lora_forward(lb.attn.view(n, -1), groups["wo"], lb.u_o.view(n, -1), ws.o.view(n, -1))
+            # FFN block: x += alpha o; tap x2; xn2 = RMSNorm(x2); h13 (+ LoRA); SwiGLU; f (+ LoRA)
             elem.norm_tap(x, ws.o, alpha, lb.x2, lp.ffn_norm, eps, lb.xn2, lb.rstd2, s)
             mm(lb.xn2.view(n, -1), lw.w13.t(), lb.h13.view(n, -1))
+            if groups and groups["w13"]:
+                self._lora_forward(lb.xn2.view(n, -1), groups["w13"], lb.u_13.view(n, -1), lb.h13.view(n, -1))
             elem.swiglu(lb.g, lb.h13)
             mm(lb.g.view(n, -1), lw.w2.t(), ws.f.view(n, -1))
+            if groups and groups["w2"]:
+                self._lora_forward(lb.g.view(n, -1), groups["w2"], lb.u_2.view(n, -1), ws.f.view(n, -1))
             delta = ws.f
-        elem.norm_tap(x, delta, alpha, ws.xL, p32.final_norm, eps, ws.xf, ws.rstdf, s)
+        elem.norm_tap(x, delta, alpha, ws.xL, g32.final_norm, eps, ws.xf, ws.rstdf, s)
+
+    def _lora_forward(self, x: torch.Tensor, grp: LoraGroup, u: torch.Tensor, y: torch.Tensor) -> None:
+        """y[:, seg_j] += u_j B_j^T with u = s x A^T (all the group's A's in one GEMM).  x: [N, in];
+        u: [N, k r] (the tap); y: [N, out] (the group's fused output)."""
+        assert self.lora is not None
+        r = self.lora.lora.rank
+        self.mm(x, grp.a.t(), u)
+        u.mul_(self.lora.lora.scale)
+        for j, (lo, hi) in enumerate(grp.segs):
+            y[:, lo:hi].addmm_(u[:, j * r : (j + 1) * r], grp.bs[j].t())
+
+    def _lora_backward_dx(self, dy: torch.Tensor, grp: LoraGroup, du: torch.Tensor, dx: torch.Tensor) -> None:
+        """du[:, j] = s dy[:, seg_j] B_j; dx += du A (the stacked A's: one GEMM).  dy: [N, out]; du: [N, k r]
+        (kept for the dW job); dx: [N, in], already holding the frozen projection's dx."""
+        assert self.lora is not None
+        r = self.lora.lora.rank
+        for j, (lo, hi) in enumerate(grp.segs):
+            torch.mm(dy[:, lo:hi], grp.bs[j], out=du[:, j * r : (j + 1) * r])
+        du.mul_(self.lora.lora.scale)
+        dx.addmm_(du, grp.a)
 
     def _attention_forward(self, ws: Workspace, lb: LayerBuffers) -> None:
         """out = softmax(q k^T + M) v for all heads, keeping P (16-bit) for the backward.
@@ -241,9 +361,13 @@ class OptimizedPipeline:
         self.elementwise.masked_softmax(lb.p, ws.scores, ws.scratch)
         self.mm(lb.p, lb.v.view(g, s, dh), ws.out.view(g, -1, dh))
 
-    def _classifier(self, ws: Workspace, grad_scale: float, backward: bool, first: bool) -> torch.Tensor:
+    def _classifier(
+        self, ws: Workspace, grad_scale: float, backward: bool, first: bool, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Classifier + cross-entropy; with ``backward``, also dlogits, dxf and the classifier's dW job (whose
-        product overwrites the gradient when ``first``, see ``zero_grad``). Returns the mean loss.
+        product overwrites the gradient when ``first``, see ``zero_grad``; none for a frozen classifier).
+        Returns the mean loss: over the targets ``mask`` ([B, S] bool) selects when given, whose rows alone
+        get a gradient.
 
         The logits are one GEMM for all N tokens, in the compute dtype, written into the dlogits buffer
         itself; the softmax and cross-entropy then run in fp32 ``loss_chunk`` rows at a time, overwriting
@@ -257,15 +381,28 @@ class OptimizedPipeline:
         self.mm(xf, wc.t(), logits)
         ws.loss.zero_()
         chunk = ws.dims.C
+        weights = None
+        count = float(n)
+        if mask is not None:
+            ws.loss_w.copy_(mask.reshape(-1))
+            weights = ws.loss_w
+            count = max(1.0, float(mask.sum()))
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             self.elementwise.cross_entropy_chunk(
-                logits[lo:hi], ws.loss, ws.targets[lo:hi], grad_scale / n, ws.scratch
+                logits[lo:hi],
+                ws.loss,
+                ws.targets[lo:hi],
+                grad_scale / count,
+                ws.scratch,
+                None if weights is None else weights[lo:hi],
             )
         if backward:
             self.mm(logits, wc, ws.dxf.view(n, -1))
             accumulate = self.elementwise.accumulate
-            if self._ids is None:
+            if self.lora is not None:
+                pass  # the classifier is frozen: no dW product
+            elif self._ids is None:
                 self.dw.submit(
                     _weight_grad,
                     self.grads.classifier,
@@ -290,17 +427,20 @@ class OptimizedPipeline:
                     self.mm,
                     accumulate,
                 )
-        return float(ws.loss) / n  # type: ignore[return-value]
+        return float(ws.loss) / count  # type: ignore[return-value]
 
     def _backward(self, ws: Workspace, first: bool) -> None:
-        """The dx kernels from the final norm down; dW jobs go to the executor (overwriting if ``first``)."""
-        cfg, w, p32, g, mm = self.cfg, self.w, self.params, self.grads, self.mm
+        """The dx kernels from the final norm down; dW jobs go to the executor (overwriting if ``first``).
+        With LoRA only the adapters' dW jobs are queued, and no gain or embedding gradient is formed."""
+        cfg, w, g32, g, mm = self.cfg, self.w, self.g32, self.grads, self.mm
         elem, s, acc = self.elementwise, ws.scratch, self.elementwise.accumulate
         alpha = cfg.residual_scale
         b, seq, n = ws.dims.B, ws.dims.S, ws.dims.N
         dy, dx2 = ws.dy, ws.dx2  # fp32 gradients of the residual stream
         submit = self.dw.submit
         buckets = iter(self._buckets)
+        full = self.lora is None
+        gm = g if isinstance(g, ModelParams) else None  # the model's gradients (full fine-tuning)
         threads_before = torch.get_num_threads()
         threads_changed = self.backward_threads < threads_before
         if threads_changed:
@@ -309,44 +449,133 @@ class OptimizedPipeline:
             layers = ws.layers
             # final norm: dy = RMSNorm'(dxf); df of the last layer = alpha dy (16-bit, read by its GEMMs)
             elem.norm_backward(
-                dy, g.final_norm, None, ws.dxf, ws.xL, ws.rstdf, p32.final_norm, alpha, layers[-1].df, s
+                dy,
+                gm.final_norm if gm is not None else None,
+                None,
+                ws.dxf,
+                ws.xL,
+                ws.rstdf,
+                g32.final_norm,
+                alpha,
+                layers[-1].df,
+                s,
             )
             for i in reversed(range(cfg.n_layers)):
-                lw, lp, lg, lb = w.layers[i], p32.layers[i], g.layers[i], layers[i]
-                # FFN half: dg = df W2; SwiGLU'; dxn2 = dh13 W13; dx2 = dy + RMSNorm'(dxn2); do = alpha dx2
-                submit(_weight_grad, lg.w2, lb.df, lb.g, ws.mm_w2, ws.acc_scratch, mm, acc, first)
+                lw, lp, lb = w.layers[i], g32.layers[i], layers[i]
+                lg = gm.layers[i] if gm is not None else None
+                groups = self._groups[i] if self._groups else {}
+                # FFN half: dg = df W2 (+ du A); SwiGLU'; dxn2 = dh13 W13 (+ du A); dx2 = dy + RMSNorm'(dxn2)
+                if lg is not None:
+                    submit(_weight_grad, lg.w2, lb.df, lb.g, ws.mm_w2, ws.acc_scratch, mm, acc, first)
                 mm(lb.df.view(n, -1), lw.w2, ws.dg.view(n, -1))
+                if groups.get("w2"):
+                    self._lora_dx_and_dw(groups["w2"], lb.df, lb.du_2, lb.u_2, lb.g, ws.dg, ws, first)
                 elem.swiglu_backward(lb.dh13, ws.dg, lb.h13, s)
-                submit(_weight_grad, lg.w13, lb.dh13, lb.xn2, ws.mm_w13, ws.acc_scratch, mm, acc, first)
+                if lg is not None:
+                    submit(_weight_grad, lg.w13, lb.dh13, lb.xn2, ws.mm_w13, ws.acc_scratch, mm, acc, first)
                 mm(lb.dh13.view(n, -1), lw.w13, ws.dxn.view(n, -1))
+                if groups.get("w13"):
+                    self._lora_dx_and_dw(groups["w13"], lb.dh13, lb.du_13, lb.u_13, lb.xn2, ws.dxn, ws, first)
                 elem.norm_backward(
-                    dx2, lg.ffn_norm, dy, ws.dxn, lb.x2, lb.rstd2, lp.ffn_norm, alpha, lb.do, s
+                    dx2,
+                    lg.ffn_norm if lg is not None else None,
+                    dy,
+                    ws.dxn,
+                    lb.x2,
+                    lb.rstd2,
+                    lp.ffn_norm,
+                    alpha,
+                    lb.do,
+                    s,
                 )
-                # attention half: dattn = do Wo; attention'; RoPE^-1; dxn = dqkv Wqkv;
-                # dy = dx2 + RMSNorm'(dxn)
-                submit(_weight_grad, lg.wo, lb.do, lb.attn, ws.mm_wo, ws.acc_scratch, mm, acc, first)
+                # attention half: dattn = do Wo (+ du A); attention'; RoPE^-1; [QK-norm']; dxn = dqkv Wqkv
+                # (+ du A); dy = dx2 + RMSNorm'(dxn)
+                if lg is not None:
+                    submit(_weight_grad, lg.wo, lb.do, lb.attn, ws.mm_wo, ws.acc_scratch, mm, acc, first)
                 mm(lb.do.view(n, -1), lw.wo, ws.dattn.view(n, -1))
+                if groups.get("wo"):
+                    self._lora_dx_and_dw(groups["wo"], lb.do, lb.du_o, lb.u_o, lb.attn, ws.dattn, ws, first)
                 ws.dout.copy_(ws.dattn.view(b, seq, cfg.n_heads, -1).transpose(1, 2))
                 fused.attention_backward_into(
                     ws.dq, ws.dk, ws.dv, ws.dout, lb.p, lb.q, lb.k, lb.v, ws.dp, ws.ds, mm
                 )
                 elem.rope_merge_backward(lb.dqkv, ws.dq, ws.dk, ws.dv, s)
-                submit(_weight_grad, lg.qkv, lb.dqkv, lb.xn, ws.mm_qkv, ws.acc_scratch, mm, acc, first)
+                if cfg.qk_norm:
+                    assert lp.q_norm is not None and lp.k_norm is not None
+                    elem.qk_norm_backward(
+                        lb.dqkv,
+                        lb.qk,
+                        lb.qk_rstd,
+                        lp.q_norm,
+                        lp.k_norm,
+                        lg.q_norm if lg is not None else None,
+                        lg.k_norm if lg is not None else None,
+                        s,
+                    )
+                if lg is not None:
+                    submit(_weight_grad, lg.qkv, lb.dqkv, lb.xn, ws.mm_qkv, ws.acc_scratch, mm, acc, first)
+                mm(lb.dqkv.view(n, -1), lw.qkv, ws.dxn.view(n, -1))
+                if groups.get("qkv"):
+                    self._lora_dx_and_dw(
+                        groups["qkv"], lb.dqkv, lb.du_qkv, lb.u_qkv, lb.xn, ws.dxn, ws, first
+                    )
                 if self.grad_ready_hook is not None and self.announces_buckets:
                     submit(self.grad_ready_hook, next(buckets))  # complete once the jobs above have run
-                mm(lb.dqkv.view(n, -1), lw.qkv, ws.dxn.view(n, -1))
                 below = layers[i - 1].df if i > 0 else None  # the layer below's df = alpha dy
                 elem.norm_backward(
-                    dy, lg.attention_norm, dx2, ws.dxn, lb.x, lb.rstd1, lp.attention_norm, alpha, below, s
+                    dy,
+                    lg.attention_norm if lg is not None else None,
+                    dx2,
+                    ws.dxn,
+                    lb.x,
+                    lb.rstd1,
+                    lp.attention_norm,
+                    alpha,
+                    below,
+                    s,
                 )
-            # embedding backward on the executor too: with a tied classifier it adds into the same table
-            submit(K.embedding_backward, g.embedding, ws.tokens, dy)
+            if full:
+                assert gm is not None
+                # embedding backward on the executor too: with a tied classifier it adds into the same table
+                submit(K.embedding_backward, gm.embedding, ws.tokens, dy)
             if self.grad_ready_hook is not None and self.announces_buckets:
                 for rest in buckets:
                     submit(self.grad_ready_hook, rest)
         finally:
             if threads_changed:
                 torch.set_num_threads(threads_before)
+
+    def _lora_dx_and_dw(
+        self,
+        grp: LoraGroup,
+        dy: torch.Tensor,
+        du: torch.Tensor,
+        u: torch.Tensor,
+        x: torch.Tensor,
+        dx: torch.Tensor,
+        ws: Workspace,
+        first: bool,
+    ) -> None:
+        """A group's adapters in the backward: dx += du A, and their dW job (gB_j = dy_j^T u_j, gA = du^T x).
+        dy: [B, S, out]; du, u: [B, S, k r] (this layer's own buffers, read later by the dW job);
+        x, dx: [B, S, in]."""
+        assert self.lora is not None
+        n = ws.dims.N
+        self._lora_backward_dx(dy.view(n, -1), grp, du.view(n, -1), dx.view(n, -1))
+        self.dw.submit(
+            _lora_weight_grads,
+            grp,
+            self.lora.lora.rank,
+            dy,
+            du,
+            u,
+            x,
+            ws.lora_prod,
+            ws.acc_scratch,
+            self.mm,
+            self.elementwise.accumulate,
+            first,
+        )
 
 
 # ---- dW jobs (run by the executor; every tensor they touch is an argument, so DeviceDW can stage it) -----
@@ -378,6 +607,31 @@ def _weight_grad(
             gw[lo:hi].copy_(prod[: hi - lo])
         else:
             accumulate(gw[lo:hi], prod[: hi - lo], scratch)
+
+
+def _lora_weight_grads(
+    grp: LoraGroup,
+    r: int,
+    dy: torch.Tensor,
+    du: torch.Tensor,
+    u: torch.Tensor,
+    x: torch.Tensor,
+    prod: torch.Tensor,
+    scratch: torch.Tensor,
+    mm: MatMul = torch_matmul,
+    accumulate: Accumulate = fused.accumulate_into,
+    overwrite: bool = False,
+) -> None:
+    """One group's adapter gradients: gA (stacked) += du^T x; gB_j += dy[:, seg_j]^T u[:, j].
+    dy: [..., out]; du, u: [..., k r]; x: [..., in]; prod: flat scratch in the compute dtype, big enough for
+    any one product."""
+    dy2, du2, u2 = dy.reshape(-1, dy.shape[-1]), du.reshape(-1, du.shape[-1]), u.reshape(-1, u.shape[-1])
+    _weight_grad(
+        grp.ga, du2, x, prod[: grp.ga.numel()].view(grp.ga.shape), scratch, mm, accumulate, overwrite
+    )
+    for j, ((lo, hi), gb) in enumerate(zip(grp.segs, grp.gbs, strict=True)):
+        p = prod[: gb.numel()].view(gb.shape)
+        _weight_grad(gb, dy2[:, lo:hi], u2[:, j * r : (j + 1) * r], p, scratch, mm, accumulate, overwrite)
 
 
 def _compact_classifier_grad(

@@ -16,6 +16,7 @@ import torch
 from ..backends.buffers import FP32, INT64, Dims, allocate, buf
 from ..backends.fusion import FusionScratch, HandFusion, attention_tables
 from ..config import ModelConfig
+from ..lora import GROUPS, LoraConfig, io_dims
 
 
 @dataclass
@@ -39,6 +40,18 @@ class LayerBuffers:
     dh13: torch.Tensor = buf("B S 2*F")  # dW operand of w13
     do: torch.Tensor = buf("B S D")  # alpha * dx2: dW operand of wo
     dqkv: torch.Tensor = buf("B S Dqkv")  # dW operand of qkv
+    # QK-norm: the q and k heads before the norm, and their 1/rms
+    qk: torch.Tensor = buf("B S Hqk dh", only="qknorm")
+    qk_rstd: torch.Tensor = buf("B S Hqk 1", FP32, only="qknorm")
+    # LoRA: each group's u = s x A^T (forward tap, dW operand of the B's), du = s dy B (dW operand of the A's)
+    u_qkv: torch.Tensor = buf("B S Uqkv")
+    u_o: torch.Tensor = buf("B S Uo")
+    u_13: torch.Tensor = buf("B S U13")
+    u_2: torch.Tensor = buf("B S U2")
+    du_qkv: torch.Tensor = buf("B S Uqkv")
+    du_o: torch.Tensor = buf("B S Uo")
+    du_13: torch.Tensor = buf("B S U13")
+    du_2: torch.Tensor = buf("B S U2")
 
 
 @dataclass
@@ -63,6 +76,7 @@ class Workspace:
     rstdf: torch.Tensor = buf("B S 1", FP32)  # final norm's 1/rms
     xf: torch.Tensor = buf("B S D")  # final norm's output: the classifier's input
     loss: torch.Tensor = buf("", FP32)  # summed cross-entropy of the micro-batch
+    loss_w: torch.Tensor = buf("N", FP32)  # a loss mask's weights (1: the target counts, 0: it does not)
     dlogits: torch.Tensor = buf("N V")  # the logits, overwritten chunk by chunk with their gradient
     # backward
     dxf: torch.Tensor = buf("B S D")
@@ -83,6 +97,7 @@ class Workspace:
     mm_w13: torch.Tensor = buf("2*F D")
     mm_w2: torch.Tensor = buf("D F")
     mm_cls: torch.Tensor = buf("Vblk D")  # the classifier's product, formed a block of rows at a time
+    lora_prod: torch.Tensor = buf("P")  # LoRA: any one adapter's product
     acc_scratch: torch.Tensor = buf("A", FP32, only="hand")  # 16-bit products added into fp32 gradients
     cls_grad: torch.Tensor = buf("V D", FP32, only="compaction")  # the compacted classifier's gradient
 
@@ -93,9 +108,25 @@ def block_rows(rows: int, cols: int, limit: int = 1 << 23) -> int:
     return -(-rows // blocks)
 
 
-def workspace_dims(cfg: ModelConfig, batch: int, seq: int, classifier_rows: int, loss_chunk: int) -> Dims:
+def workspace_dims(
+    cfg: ModelConfig,
+    batch: int,
+    seq: int,
+    classifier_rows: int,
+    loss_chunk: int,
+    lora: LoraConfig | None = None,
+) -> Dims:
     """The sizes of a workspace for [batch, seq] micro-batches: the one place they are computed."""
     d, f = cfg.dim, cfg.hidden_dim
+    widths = {g: 0 for g in GROUPS}
+    prod = 0
+    if lora is not None:
+        for g, members in GROUPS.items():
+            adapted = [m for m in members if m in lora.targets]
+            widths[g] = lora.rank * len(adapted)
+            for m in adapted:
+                d_in, d_out = io_dims(cfg, m)
+                prod = max(prod, widths[g] * d_in, d_out * lora.rank)
     return Dims(
         B=batch,
         S=seq,
@@ -108,6 +139,11 @@ def workspace_dims(cfg: ModelConfig, batch: int, seq: int, classifier_rows: int,
         C=min(loss_chunk, batch * seq),
         Vblk=block_rows(classifier_rows, d),
         A=min(1 << 20, max(classifier_rows, 2 * f) * d),
+        Uqkv=widths["qkv"],
+        Uo=widths["wo"],
+        U13=widths["w13"],
+        U2=widths["w2"],
+        P=prod,
     )
 
 
@@ -119,8 +155,10 @@ def make_workspace(
     elementwise: HandFusion,
     compaction: bool,
 ) -> Workspace:
-    features = frozenset({elementwise.name, *(("compaction",) if compaction else ())})
-    tables = attention_tables(dims.S, dims.dh, cfg.rope_theta, cfg.seq_len, device)
+    features = frozenset(
+        {elementwise.name, *(("compaction",) if compaction else ()), *(("qknorm",) if cfg.qk_norm else ())}
+    )
+    tables = attention_tables(dims.S, dims.dh, cfg.rope_theta, min(cfg.seq_len, dims.S), device)
     return allocate(
         Workspace,
         dims,
@@ -128,6 +166,6 @@ def make_workspace(
         device,
         features,
         dims=dims,
-        layers=[allocate(LayerBuffers, dims, compute, device) for _ in range(cfg.n_layers)],
-        scratch=elementwise.make_scratch(dims, compute, tables),
+        layers=[allocate(LayerBuffers, dims, compute, device, features) for _ in range(cfg.n_layers)],
+        scratch=elementwise.make_scratch(dims, compute, tables, features),
     )
