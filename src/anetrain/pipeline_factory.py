@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from .data.compaction import VocabCompaction
-from .errors import AnetrainError
+from .errors import AnetrainError, ConfigError
+from .lora import LoraParams
 from .params import ModelParams
 from .pipeline.base import Pipeline
 from .pipeline.baseline import BaselinePipeline
@@ -68,10 +69,31 @@ def resolve_dtype(choice: PipelineChoice, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "fp16"
 
 
+def refuse_on_ane(params: ModelParams, lora: LoraParams | None, backend: str) -> None:
+    """The Neural Engine programs implement neither QK-norm nor LoRA adapters: such a model is refused
+    there with one line, before anything is built (docs/ane.md)."""
+    what = []
+    if params.cfg.qk_norm:
+        what.append("QK-norm (Qwen3's q_norm/k_norm)")
+    if lora is not None:
+        what.append("LoRA adapters")
+    if what:
+        raise ConfigError(
+            f"--backend {backend}: the Neural Engine programs do not implement {' or '.join(what)}; "
+            "train this model with --backend cpu or cuda"
+        )
+
+
 def make_pipeline(
-    params: ModelParams, choice: PipelineChoice, compaction: VocabCompaction | None = None
+    params: ModelParams,
+    choice: PipelineChoice,
+    compaction: VocabCompaction | None = None,
+    lora: LoraParams | None = None,
 ) -> Pipeline:
-    """Build the pipeline; ``params`` are float32 master weights (moved to the chosen device)."""
+    """Build the pipeline; ``params`` are float32 master weights (moved to the chosen device). With ``lora``
+    (the adapters, float32), ``params`` is the frozen base (any float dtype) and only the adapters train."""
+    if choice.backend in ("ane-sim", "ane"):
+        refuse_on_ane(params, lora, choice.backend)
     if choice.backend == "ane-sim":
         from .ane.pipeline import AneSimPipeline
 
@@ -100,14 +122,19 @@ def make_pipeline(
     device = resolve_device(choice.backend)
     if params.flat.device != device:
         params = params.to(device=device)
+    if lora is not None and lora.flat.device != device:
+        lora = lora.to(device=device)
     dtype = resolve_dtype(choice, device)
     if choice.pipeline == "baseline":
-        return BaselinePipeline(params, compaction=compaction, loss_chunk=choice.loss_chunk)
+        if lora is not None and params.flat.dtype != lora.flat.dtype:
+            params = params.to(dtype=lora.flat.dtype)  # the baseline computes in the adapters' float32
+        return BaselinePipeline(params, lora=lora, compaction=compaction, loss_chunk=choice.loss_chunk)
     if choice.pipeline == "optimized":
         from .pipeline.optimized import OptimizedPipeline
 
         return OptimizedPipeline(
             params,
+            lora=lora,
             dtype=dtype,
             dw_device=choice.dw_device,
             compaction=compaction,

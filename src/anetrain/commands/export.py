@@ -12,7 +12,7 @@ from .info import disk_bytes
 
 ORDER = 31
 
-CHOICES = ("llama2c-v0", "llama2c-v1", "llama2c-v2", "hf", "blzt")
+CHOICES = ("llama2c-v0", "llama2c-v1", "llama2c-v2", "hf", "peft", "blzt")
 
 # How the writers' notes read to the user.
 NOTE_TEXT = {
@@ -22,6 +22,10 @@ NOTE_TEXT = {
     "group_size": "Q8_0 group size {}",
     "max_quantization_error": "largest quantization error {:.3g}",
     "rope_note": "{}",
+    "architecture": "architecture {}",
+    "copied": "copied {} from the source model",
+    "lora": "LoRA adapters: {}",
+    "base_model": "adapter_config.json names the base model {}",
 }
 
 
@@ -42,7 +46,7 @@ def register(subparsers: Any) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("input", metavar="IN", help="model file or Hugging Face directory to read")
-    p.add_argument("output", metavar="OUT", help="file (a directory for --format hf) to write")
+    p.add_argument("output", metavar="OUT", help="file (a directory for --format hf and peft) to write")
     p.add_argument(
         "--format", choices=CHOICES, default=argparse.SUPPRESS, help="output format (required unless --int8)"
     )
@@ -79,9 +83,12 @@ def run(args: argparse.Namespace) -> int:
         m.params,
         fmt,
         optimizer=m.optimizer if keeps_state else None,
-        extras=m.extras if keeps_state else None,
+        extras=m.extras if keeps_state or fmt == "peft" else None,
+        source=m.source,
+        adapters=m.adapters,
     )
-    print(f"wrote {args.output}: {fmt}, {human_bytes(disk_bytes(args.output))} (from {m.format})")
+    merged = " with its LoRA adapters merged" if m.adapters is not None and fmt != "peft" else ""
+    print(f"wrote {args.output}: {fmt}, {human_bytes(disk_bytes(args.output))} (from {m.format}{merged})")
     if m.optimizer is not None and not keeps_state:
         print(f"note: the input's Adam state is not stored by {fmt}")
     if keeps_state and m.optimizer is None:

@@ -61,6 +61,7 @@ class RandomSampler:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.rng = np.random.Generator(np.random.PCG64(self._stream_seed()))
         self.drawn = 0  # windows this rank has drawn
+        self.last_positions = np.zeros(0, dtype=np.int64)  # start offsets of the last batch
 
     def _stream_seed(self) -> int:
         return self.seed + 1000 * self.rank
@@ -69,9 +70,10 @@ class RandomSampler:
         return self.rng.integers(0, self.n_train - self.seq, size=self.batch)  # pos + S + 1 <= n_train
 
     def next_batch(self) -> torch.Tensor:
-        """[B, S+1] int64."""
+        """[B, S+1] int64 (their start offsets stay in ``last_positions``)."""
         pos = self._positions()
         self.drawn += self.batch
+        self.last_positions = pos
         return gather_windows(self.tokens, pos, self.seq + 1)
 
     def state(self) -> dict[str, Any]:
@@ -124,6 +126,7 @@ class SharedSampler(RandomSampler):
                 mine = pos
         self.drawn += self.batch * self.world_size
         assert mine is not None
+        self.last_positions = mine
         return gather_windows(self.tokens, mine, self.seq + 1)
 
     def state(self) -> dict[str, Any]:
@@ -164,6 +167,7 @@ class Drand48Sampler:
         self.rank, self.world_size = rank, world_size
         self.rng = Drand48(42 + start)
         self.drawn = start  # windows the whole job has drawn
+        self.last_positions = np.zeros(0, dtype=np.int64)  # start offsets of the last batch
 
     def next_batch(self) -> torch.Tensor:
         span = self.n_train - self.seq - 1
@@ -174,6 +178,7 @@ class Drand48Sampler:
                 mine = np.floor(u * span).astype(np.int64)
         self.drawn += self.batch * self.world_size
         assert mine is not None
+        self.last_positions = mine
         return gather_windows(self.tokens, mine, self.seq + 1)
 
     def state(self) -> dict[str, Any]:
@@ -212,6 +217,14 @@ def make_sampler(
     raise ValueError(f"unknown sampler {kind!r} (known: {', '.join(SAMPLERS)})")
 
 
+def eval_starts(lo: int, hi: int, seq: int, batch: int, n_batches: int) -> list[np.ndarray]:
+    """The start offsets of :func:`eval_windows`' batches."""
+    n = batch * n_batches
+    top = hi - seq - 1  # last valid start
+    starts = np.linspace(lo, top, n).round().astype(np.int64) if n > 1 else np.array([lo], dtype=np.int64)
+    return [starts[i * batch : (i + 1) * batch] for i in range(n_batches)]
+
+
 def eval_windows(
     tokens: np.ndarray, lo: int, hi: int, seq: int, batch: int, n_batches: int
 ) -> list[torch.Tensor]:
@@ -220,7 +233,10 @@ def eval_windows(
     The ``batch * n_batches`` windows start at evenly spaced offsets across the region (non-overlapping when
     it is long enough), so the estimate covers the whole validation data rather than a random sample of it.
     """
-    n = batch * n_batches
-    top = hi - seq - 1  # last valid start
-    starts = np.linspace(lo, top, n).round().astype(np.int64) if n > 1 else np.array([lo], dtype=np.int64)
-    return [gather_windows(tokens, starts[i * batch : (i + 1) * batch], seq + 1) for i in range(n_batches)]
+    return [gather_windows(tokens, s, seq + 1) for s in eval_starts(lo, hi, seq, batch, n_batches)]
+
+
+def gather_masks(mask: np.ndarray, positions: np.ndarray, seq: int) -> torch.Tensor:
+    """[B, S] bool: which targets of the windows starting at ``positions`` count in the loss (the mask of
+    tokens pos+1 .. pos+S, the ones the window predicts)."""
+    return gather_windows(mask, positions + 1, seq).bool()

@@ -57,9 +57,9 @@ def resolve_repo(repo_id: str) -> Path:
     except Exception as e:
         why = first_error or e
         first = str(why).splitlines()[0] if str(why) else type(why).__name__
+        where = "offline, and not in the local cache" if offline else first
         raise AnetrainError(
-            f"{repo_id}: not a local path, and the Hugging Face Hub gave no snapshot "
-            f"({'offline and not in the cache' if offline or first_error is None else first})"
+            f"{repo_id}: not a local path, and the Hugging Face Hub gave no snapshot ({where})"
         ) from None
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AnetrainError
-from ..kernels import Rope, ffn_forward, output_forward, rmsnorm_forward, rope_forward
+from ..kernels import Rope, ffn_forward, output_forward, qk_norm_forward, rmsnorm_forward, rope_forward
 from ..kernels.norm import stat_dtype
 from ..params import ModelParams
 
@@ -29,13 +29,18 @@ from ..params import ModelParams
 class KVCacheDecoder:
     """Feeds tokens one position at a time; :meth:`step` returns the logits for the next token."""
 
-    def __init__(self, params: ModelParams, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, params: ModelParams, dtype: torch.dtype = torch.float32, positions: int | None = None
+    ) -> None:
+        """``positions``: the most positions that will be fed (default the model's seq_len; a 40,960-token
+        Qwen3 context would need a 9 GB cache)."""
         self.params = params if params.flat.dtype == dtype else params.to(dtype=dtype)
         self.cfg = cfg = params.cfg
         self.dtype = dtype
         device = self.params.flat.device
-        self.rope = Rope.build(cfg.seq_len, cfg.head_dim, cfg.rope_theta, dtype=dtype, device=device)
-        shape = (cfg.n_layers, cfg.n_kv_heads, cfg.seq_len, cfg.head_dim)
+        self.positions = n = min(cfg.seq_len, positions or cfg.seq_len)
+        self.rope = Rope.build(n, cfg.head_dim, cfg.rope_theta, dtype=dtype, device=device)
+        shape = (cfg.n_layers, cfg.n_kv_heads, n, cfg.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # after RoPE
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
@@ -49,8 +54,10 @@ class KVCacheDecoder:
     def step(self, token: int, logits: bool = True) -> torch.Tensor | None:
         """Feed ``token`` at the next position; the logits [V] for the token after it (None if not asked)."""
         cfg, p, pos = self.cfg, self.params, self.pos
-        if pos >= cfg.seq_len:
-            raise AnetrainError(f"the context is full: the model's seq_len is {cfg.seq_len}")
+        if pos >= self.positions:
+            raise AnetrainError(
+                f"the context is full: {self.positions} positions (the model's seq_len is {cfg.seq_len})"
+            )
         if not 0 <= token < cfg.vocab_size:
             raise AnetrainError(f"token {token} is outside the model's vocabulary (0..{cfg.vocab_size - 1})")
         h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -59,8 +66,14 @@ class KVCacheDecoder:
         x = p.embedding[token].view(1, 1, cfg.dim)  # [B=1, S=1, D]
         for layer, w in enumerate(p.layers):
             xn, _ = rmsnorm_forward(x, w.attention_norm, cfg.norm_eps)  # [1, 1, D]
-            q = rope_forward(F.linear(xn, w.wq).view(1, 1, h, dh), cos, sin)  # [1, 1, H, dh]
-            k = rope_forward(F.linear(xn, w.wk).view(1, 1, hkv, dh), cos, sin)  # [1, 1, Hkv, dh]
+            q = F.linear(xn, w.wq).view(1, 1, h, dh)  # [1, 1, H, dh]
+            k = F.linear(xn, w.wk).view(1, 1, hkv, dh)  # [1, 1, Hkv, dh]
+            if w.q_norm is not None and w.k_norm is not None:  # QK-norm (Qwen3): each head, before RoPE
+                q, k = (
+                    qk_norm_forward(q, w.q_norm, cfg.norm_eps)[0],
+                    qk_norm_forward(k, w.k_norm, cfg.norm_eps)[0],
+                )
+            q, k = rope_forward(q, cos, sin), rope_forward(k, cos, sin)
             self.keys[layer, :, pos] = k.view(hkv, dh)
             self.values[layer, :, pos] = F.linear(xn, w.wv).view(hkv, dh)
             keys = self.keys[layer, :, : pos + 1]  # [Hkv, T, dh]

@@ -66,7 +66,7 @@ class Generation:
             )
         self.steps = cfg.seq_len if steps <= 0 or steps > cfg.seq_len else steps
         self.tokenizer = tokenizer
-        self.decoder = KVCacheDecoder(params, dtype)
+        self.decoder = KVCacheDecoder(params, dtype, self.steps)
         self.tokens: list[int] = self.prompt_tokens[:1]
         self.positions = 0
         self.tokens_per_s = 0.0

@@ -38,6 +38,7 @@ def build_report(
     allreduce_ms: float = 0.0,
     allreduce_total_ms: float = 0.0,
     loss_compacted: bool = False,
+    loss_masked: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Aggregate a run (or the steps this process ran, with cumulative counters carried across resumes).
@@ -77,6 +78,7 @@ def build_report(
         "allreduce_total_ms_per_step": allreduce_total_ms / steps,
         "scaling_efficiency": max(0.0, 1.0 - allreduce_ms / (train_s * 1e3)) if train_s > 0 else 1.0,
         "loss_compacted": loss_compacted,
+        "loss_masked": loss_masked,
     }
     rep.update(extra or {})
     return rep
@@ -122,10 +124,13 @@ def format_report(rep: dict[str, Any]) -> str:
             f"Scaling eff.:    {100 * rep.get('scaling_efficiency', 0.0):.0f}% (job tokens/s over world "
             "size x one rank's tokens/s without the waited communication)"
         )
+    notes = [
+        *(["compacted vocabulary"] if rep.get("loss_compacted") else []),
+        *(["masked: completion tokens only"] if rep.get("loss_masked") else []),
+    ]
+    comp = f" ({'; '.join(notes)})" if notes else ""
     if rep.get("best_val_loss") is not None:
-        comp = " (compacted vocabulary)" if rep.get("loss_compacted") else ""
         lines.append(f"Best val loss:   {rep['best_val_loss']:.4f}{comp}")
     if rep.get("final_loss") is not None:
-        comp = " (compacted vocabulary)" if rep.get("loss_compacted") else ""
         lines.append(f"Final loss:      {rep['final_loss']:.4f}{comp}")
     return "\n".join(lines)

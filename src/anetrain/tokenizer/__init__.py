@@ -1,7 +1,9 @@
-"""Tokenizers: llama2.c ``tokenizer.bin`` and sentencepiece ``.model`` files behind one interface.
+"""Tokenizers: llama2.c ``tokenizer.bin``, sentencepiece ``.model`` and Hugging Face ``tokenizer.json`` files
+behind one interface.
 
-``load_tokenizer(path, vocab_size=None)`` picks the reader by extension (``.model``, ``.bin``) or, for other
-names, by content, and returns a :class:`Tokenizer`: ``vocab_size``, ``bos_id`` (1), ``eos_id`` (2),
+``load_tokenizer(path, vocab_size=None)`` picks the reader by extension (``.model``, ``.bin``, ``.json``; a
+directory or a Hugging Face Hub id means its ``tokenizer.json``) or, for other names, by content, and returns
+a :class:`Tokenizer`: ``vocab_size``, ``bos_id`` (1), ``eos_id`` (2),
 ``encode(text, bos=True, eos=False)``, ``decode(ids)``, ``decode_piece(prev_id, id)`` (``run.c``'s bytes,
 for streaming), ``name``, ``path`` and ``fingerprint()`` (the file's sha256, to check that a token file was
 made with the same tokenizer).
@@ -13,10 +15,10 @@ made with the same tokenizer).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from ..errors import InputError
 from .base import BOS_ID, EOS_ID, Tokenizer
+from .hf import HFTokenizer
 from .llama2c import BinTokenizer, read_tokenizer_bin, write_tokenizer_bin
 from .spm import SentencePieceTokenizer, export_tokenizer_bin
 from .train import TokenizerPaths, train_tokenizer
@@ -25,6 +27,7 @@ __all__ = [
     "BOS_ID",
     "EOS_ID",
     "BinTokenizer",
+    "HFTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
     "TokenizerPaths",
@@ -41,14 +44,23 @@ def load_tokenizer(path: str | os.PathLike[str], vocab_size: int | None = None) 
 
     For a ``tokenizer.bin`` exactly ``vocab_size`` entries are read (as ``run.c`` does); without it, all.
     """
-    p = Path(path)
+    from ..formats.hub import local_path
+
+    p = local_path(path)
     if p.is_dir():
-        raise InputError(p, "is a directory, expected a tokenizer.bin or sentencepiece .model file")
+        if not (p / "tokenizer.json").is_file():
+            raise InputError(
+                p,
+                "is a directory without a tokenizer.json (expected tokenizer.bin, .model or tokenizer.json)",
+            )
+        p = p / "tokenizer.json"
     if not p.exists():
         raise InputError(p, "tokenizer file does not exist")
     suffix = p.suffix.lower()
     tok: Tokenizer
-    if suffix == ".model":
+    if suffix == ".json":
+        tok = HFTokenizer(p)
+    elif suffix == ".model":
         tok = SentencePieceTokenizer.load(p)
     elif suffix == ".bin":
         tok = BinTokenizer.load(p, vocab_size)

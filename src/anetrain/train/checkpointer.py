@@ -43,6 +43,7 @@ class Checkpointer:
         files: RunFiles,
         clock: WallClock,
         log: Any,
+        extra_manifest: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.opts = opts
@@ -54,6 +55,8 @@ class Checkpointer:
         self.files = files
         self.clock = clock
         self.log = log
+        # what every manifest also records: a LoRA run's base model, the Hugging Face model it came from
+        self.extra_manifest = {k: v for k, v in (extra_manifest or {}).items() if v is not None}
 
     def periodic_due(self, step: int, end: int) -> bool:
         """A periodic checkpoint after ``step`` (not at ``end``: the final or interrupt one comes there)."""
@@ -94,6 +97,7 @@ class Checkpointer:
             "loss_scaler": self.scaler.state() if self.scaler else None,
             "train_options": asdict(self.opts),
             "anetrain_version": __version__,
+            **self.extra_manifest,
         }
 
     def _sampler_job_state(self) -> dict[str, Any]:

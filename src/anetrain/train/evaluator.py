@@ -28,14 +28,19 @@ class Evaluator:
         steps: int,
         files: RunFiles,
         log: Any,
+        masks: list[torch.Tensor | None] | None = None,
     ) -> None:
         self.pipe = pipe
         self.world = world
         self.windows = windows  # empty: no validation data, or evaluation disabled
+        self.masks = masks or [None] * len(windows)  # instruction data: each batch's loss mask
         self.every = every
         self.steps = steps
         self.files = files
         self.log = log
+
+    def _loss(self, window: torch.Tensor, mask: torch.Tensor | None) -> float:
+        return self.pipe.loss(window) if mask is None else self.pipe.loss(window, loss_mask=mask)
 
     def due_at_start(self, state: RunState, resumed: bool) -> bool:
         """Before the first step of a run (not again when it resumes, unless it resumes at step 0)."""
@@ -53,16 +58,19 @@ class Evaluator:
         "best" checkpoint)."""
         t0 = time.perf_counter()
         world = self.world
+        pairs = list(zip(self.windows, self.masks, strict=True))
         if world.active:
-            mine = [self.pipe.loss(w) for w in self.windows[world.rank :: world.world_size]]
+            mine = [self._loss(w, m) for w, m in pairs[world.rank :: world.world_size]]
             total, count = world.sum_values([math.fsum(mine), len(mine)], "the validation loss reduction")
             loss = total / count
         else:
-            loss = float(np.mean([self.pipe.loss(w) for w in self.windows]))
+            loss = float(np.mean([self._loss(w, m) for w, m in pairs]))
         state.counters.eval_s += time.perf_counter() - t0
         ppl = math.exp(min(loss, 50.0))
-        self.files.write("eval", step=state.step, val_loss=loss, val_ppl=ppl)
-        self.log(f"step {state.step}: val loss {loss:.4f} (ppl {ppl:.2f})")
+        masked = any(m is not None for m in self.masks)
+        self.files.write("eval", step=state.step, val_loss=loss, val_ppl=ppl, loss_masked=masked)
+        note = ", completion tokens only" if masked else ""
+        self.log(f"step {state.step}: val loss {loss:.4f} (ppl {ppl:.2f}{note})")
         if state.best_val_loss is not None and loss >= state.best_val_loss:
             return False
         first = state.best_val_loss is None

@@ -11,6 +11,7 @@ from ..config import PRESETS
 from ..data.sampler import SAMPLERS
 from ..distributed import BACKENDS
 from ..errors import ConfigError
+from ..lora import LoraConfig, parse_targets
 from ..optim import OptimizerConfig
 from ..params import INIT_SCHEMES
 
@@ -27,8 +28,9 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
 class TrainOptions:
     model: str = opt(
         "stories260K",
-        "PRESET name, model CONFIG (.toml/.json), or WEIGHTS file to continue from "
-        f"(llama2.c .bin, BLZT checkpoint, HF directory); presets: {', '.join(PRESETS)}",
+        "PRESET name, model CONFIG (.toml/.json), or WEIGHTS to fine-tune or continue from (llama2.c .bin, "
+        "BLZT checkpoint, Hugging Face Llama/Qwen3 directory or Hub id such as Qwen/Qwen3-0.6B); presets: "
+        f"{', '.join(PRESETS)}",
     )
     data: str | None = opt(
         None,
@@ -42,7 +44,20 @@ class TrainOptions:
         "given (training never samples it); 0 disables evaluation",
     )
     tokenizer: str | None = opt(
-        None, "tokenizer (.bin or .model) for generated samples and for checking the token file's sidecar"
+        None,
+        "tokenizer (.bin, .model, or a tokenizer.json / model directory / Hub id) for generated samples and "
+        "for checking the token file's sidecar",
+    )
+    lora_rank: int = opt(
+        0,
+        "LoRA: train rank-R adapters beside the frozen --model (kept in 16 bits, no gradients, no optimizer "
+        "state) instead of all its weights; 0: full fine-tuning",
+    )
+    lora_alpha: float | None = opt(None, "LoRA scale numerator: adapters add (alpha/R) B A x (default 2R)")
+    lora_targets: str = opt(
+        "all",
+        "LoRA: the projections to adapt, comma-separated from wq,wk,wv,wo,w1,w2,w3 (or q_proj, ..., "
+        "gate_proj, up_proj, down_proj), or all",
     )
     out: str | None = opt(None, "run directory (default: runs/<model>-<date>-<time>)")
     batch: int = opt(8, "sequences per micro-batch")
@@ -227,6 +242,19 @@ class TrainOptions:
             raise ConfigError(f"--loss-scale must be a number >= 1, got {self.loss_scale}")
         if self.dist_check_every < 0:
             raise ConfigError(f"--dist-check-every must be 0 or positive, got {self.dist_check_every}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"--lora-rank must be 0 (full fine-tuning) or positive, got {self.lora_rank}")
+        if self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_targets != "all"):
+            raise ConfigError("--lora-alpha and --lora-targets need --lora-rank R > 0")
+        if self.lora_rank:
+            self.lora_config()  # validates alpha and the targets
+
+    def lora_config(self) -> LoraConfig | None:
+        """The LoRA settings (None: full fine-tuning)."""
+        if not self.lora_rank:
+            return None
+        alpha = self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+        return LoraConfig(self.lora_rank, alpha, parse_targets(self.lora_targets))
 
 
 # Options whose change on --resume cannot alter the math of the steps already taken.

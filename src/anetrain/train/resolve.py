@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import PRESETS, ModelConfig, deepnet_alpha, load_config_file
-from ..data.sampler import WindowSampler, eval_windows, make_sampler
+from ..data.sampler import WindowSampler, eval_starts, eval_windows, gather_masks, make_sampler
 from ..data.tokens import TokenFile, check_tokens, open_tokens
 from ..distributed import World
 from ..errors import ConfigError, InputError
@@ -19,6 +19,11 @@ from .options import TrainOptions
 
 # ------------------------------------------------------------------------------------------------
 # Model and data resolution
+
+
+def is_config_spec(spec: str) -> bool:
+    """A preset or a model config file (a new model), as opposed to weights to start from."""
+    return spec in PRESETS or (spec.lower().endswith((".toml", ".json")) and not Path(spec).is_dir())
 
 
 def config_of_spec(spec: str, alpha: str | None = None) -> ModelConfig:
@@ -35,33 +40,48 @@ def config_of_spec(spec: str, alpha: str | None = None) -> ModelConfig:
     return load_model(spec).cfg
 
 
-def resolve_model(opts: TrainOptions) -> tuple[ModelConfig, ModelParams, AdamState | None, str]:
-    """(config, fresh or pretrained fp32 params, optimizer state if the file has one, description)."""
+@dataclass
+class ResolvedModel:
+    """What --model names: the config, fresh or pretrained params, the optimizer state if the file has one,
+    a description for the log, and for weights read from disk their local path and (Hugging Face) source."""
+
+    cfg: ModelConfig
+    params: ModelParams
+    optimizer: AdamState | None
+    what: str
+    path: Path | None = None
+    source: dict | None = None
+
+
+def resolve_model(opts: TrainOptions, hf_dtype: torch.dtype = torch.float32) -> ResolvedModel:
+    """The model --model names (``hf_dtype``: the dtype a Hugging Face model is read into)."""
     spec = opts.model
     alpha = opts.residual_scale
-    if spec in PRESETS or (spec.lower().endswith((".toml", ".json")) and not Path(spec).is_dir()):
+    if is_config_spec(spec):
         cfg = PRESETS[spec] if spec in PRESETS else load_config_file(spec)
         if alpha is not None:
             cfg = cfg.with_(
                 residual_scale=deepnet_alpha(cfg.n_layers) if alpha == "deepnet" else float(alpha)
             )
-        return (
-            cfg,
-            init_params(cfg, opts.init, opts.seed),
-            None,
-            f"{cfg.name} from scratch ({opts.init} init)",
+        return ResolvedModel(
+            cfg, init_params(cfg, opts.init, opts.seed), None, f"{cfg.name} from scratch ({opts.init} init)"
         )
-    if not Path(spec).exists():
+    from ..formats.hub import local_path, looks_like_repo_id
+
+    if not Path(spec).exists() and not looks_like_repo_id(spec):
         raise ConfigError(
-            f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}), a .toml/.json config nor "
-            "an existing weights file"
+            f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}), a .toml/.json config, "
+            "an existing weights file nor a Hugging Face Hub id (owner/name)"
         )
     if alpha is not None:
         raise ConfigError("--residual-scale applies to new models only; a weights file carries its own")
     from ..formats import load_model
 
-    loaded = load_model(spec)
-    return loaded.cfg, loaded.params, loaded.optimizer, f"{spec} ({loaded.format})"
+    path = local_path(spec)
+    loaded = load_model(path, hf_dtype=hf_dtype)
+    return ResolvedModel(
+        loaded.cfg, loaded.params, loaded.optimizer, f"{spec} ({loaded.format})", path, loaded.source
+    )
 
 
 @dataclass
@@ -92,6 +112,26 @@ class DataSplit:
             return []
         lo, hi = self.val_range
         return eval_windows(self.val.tokens, lo, hi, opts.seq, opts.batch, opts.eval_batches)
+
+    def eval_masks(self, opts: TrainOptions) -> list[torch.Tensor | None]:
+        """The validation batches' loss masks (None for each where the validation data has no mask)."""
+        windows = self.eval_windows(opts)
+        if self.val is None or self.val.mask is None or self.val_range is None:
+            return [None] * len(windows)
+        lo, hi = self.val_range
+        starts = eval_starts(lo, hi, opts.seq, opts.batch, opts.eval_batches)
+        return [gather_masks(self.val.mask, s, opts.seq) for s in starts][: len(windows)]
+
+    @property
+    def masked(self) -> bool:
+        """Whether the training data has a loss mask (instruction data)."""
+        return self.train.mask is not None
+
+    def loss_mask(self, sampler: WindowSampler, seq: int) -> torch.Tensor | None:
+        """The loss mask of the sampler's last batch ([B, S] bool), None for unmasked data."""
+        if self.train.mask is None:
+            return None
+        return gather_masks(self.train.mask, sampler.last_positions, seq)
 
 
 def resolve_data(opts: TrainOptions, cfg: ModelConfig, tokenizer_fp: str | None) -> DataSplit:

@@ -25,7 +25,10 @@ from .trainer import Trainer
 
 
 def default_run_dir(model: str) -> Path:
-    stem = Path(model).stem if not model in PRESETS else model  # noqa: E713
+    name = Path(model.rstrip("/")).name
+    for suffix in (".bin", ".toml", ".json", ".safetensors"):  # a file's stem; "Qwen3-0.6B" stays whole
+        name = name.removesuffix(suffix)
+    stem = model if model in PRESETS else name
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed import World
+from ..lora import LoraParams, merge
 from ..pipeline.base import Pipeline
 from ..tokenizer.base import Tokenizer
 from .rundir import RunFiles
@@ -52,6 +53,9 @@ class SampleWriter:
         from ..generate import generate
 
         params = self.pipe.params
+        if isinstance(params, LoraParams):  # the frozen base with the adapters folded in (float32)
+            assert params.base is not None
+            params = merge(params.base.to(device="cpu"), params.to(device="cpu"))
         if params.flat.device.type != "cpu":
             params = params.to(device="cpu")
         res = generate(

@@ -56,6 +56,7 @@ class Trainer:
             log(f"note: {longer}; RoPE extrapolates")
         parts = world.agree(lambda: build_parts(opts, start, world, log), "reading the data")
         self.data, self.compaction, self.pipe = parts.data, parts.compaction, parts.pipe
+        self.lora = start.lora.lora if start.lora is not None else None
         self.optimizer, self.opt_cfg, self.scaler = parts.optimizer, parts.opt_cfg, parts.scaler
         if world.active:  # every rank starts from rank 0's weights and optimizer state
             for t in (self.pipe.params.flat, self.optimizer.state.m.flat, self.optimizer.state.v.flat):
@@ -74,7 +75,8 @@ class Trainer:
         self.global_batch = opts.batch * self.micro_batches
         self.tokens_per_step = self.global_batch * opts.seq
         vocab = self.compaction.size if self.compaction else None
-        self.flops_per_step = training_flops_per_sequence(self.cfg, opts.seq, vocab) * self.global_batch
+        flops_seq = training_flops_per_sequence(self.cfg, opts.seq, vocab, self.lora)
+        self.flops_per_step = flops_seq * self.global_batch
         self.labels = pipeline_labels(self.pipe)
         if self.pipe.note:
             log(self.pipe.note)
@@ -93,9 +95,19 @@ class Trainer:
             self.files,
             self.clock,
             log,
+            {"base": start.base_ref, "hf_source": start.source},
         )
         windows = parts.data.eval_windows(opts)
-        self.evaluator = Evaluator(self.pipe, world, windows, opts.eval_every, opts.steps, self.files, log)
+        self.evaluator = Evaluator(
+            self.pipe,
+            world,
+            windows,
+            opts.eval_every,
+            opts.steps,
+            self.files,
+            log,
+            parts.data.eval_masks(opts),
+        )
         self.samples = SampleWriter(
             self.pipe, parts.tokenizer, world, run_dir, opts.sample_every, opts.sample_tokens, self.files, log
         )
@@ -113,8 +125,12 @@ class Trainer:
         for i in range(o.accum):
             with pipe.times.phase("io"):
                 window = self.sampler.next_batch()
+                mask = self.data.loss_mask(self.sampler, o.seq)
             self.grad_sync.arm(last_micro_step=i == o.accum - 1)
-            losses.append(pipe.forward_backward(window, scale / self.micro_batches))
+            if mask is None:
+                losses.append(pipe.forward_backward(window, scale / self.micro_batches))
+            else:  # instruction data: the loss covers the completion tokens only
+                losses.append(pipe.forward_backward(window, scale / self.micro_batches, loss_mask=mask))
         loss, comm = self._mean_loss_and_gradients(losses)  # the same gradients on every rank from here
         with pipe.times.phase("optimizer"):
             norm = global_grad_norm(pipe.grads) / scale  # before clipping, without the loss scale
@@ -271,6 +287,14 @@ class Trainer:
         self.files.open(o)
         self.files.write_config(cfg, o, world.world_size)
         self.log(f"model: {what}; {cfg.shape_line()}; {cfg.param_count():,} parameters")
+        if self.lora is not None:
+            n = self.pipe.params.numel()
+            self.log(
+                f"LoRA: rank {self.lora.rank}, alpha {self.lora.alpha:g}, on {','.join(self.lora.targets)}: "
+                f"{n:,} trainable parameters ({100 * n / cfg.param_count():.2f}%); the base is frozen"
+            )
+        if self.data.masked:
+            self.log("loss mask: the loss covers only the completion/assistant tokens of the data")
         self.log(pipeline_line(labels, o, world, self.global_batch, self.tokens_per_step))
         if world.active and not self.grad_sync.overlap:
             self.log(
@@ -298,6 +322,9 @@ class Trainer:
             flops_per_step=self.flops_per_step,
             peak_tflops=self.peak,
             compact_vocab=self.compaction.size if self.compaction else None,
+            lora=self.lora.to_dict() if self.lora is not None else None,
+            trainable_params=self.pipe.params.numel(),
+            loss_masked=self.data.masked,
             resumed=self.resumed,
         )
 
@@ -322,6 +349,7 @@ class Trainer:
             allreduce_ms=c.allreduce_ms,
             allreduce_total_ms=c.allreduce_total_ms,
             loss_compacted=self.compaction is not None,
+            loss_masked=self.data.masked,
         )
         self.files.write_report(report)
         self.log(format_report(report))
