@@ -23,6 +23,7 @@ def test_presets_are_named_exactly_and_have_the_published_shapes():
         "stories110M": (768, 2048, 12, 12, 12, 64, 32000, 1024),
         "stories110M-original": (768, 2048, 12, 12, 12, 64, 32000, 256),
         "qwen3-0.6b-shaped": (1024, 3072, 28, 16, 8, 128, 151936, 256),
+        "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128, 151936, 40960),
     }
     assert set(PRESETS) == set(want)
     for name, shape in want.items():
@@ -42,6 +43,10 @@ def test_presets_are_named_exactly_and_have_the_published_shapes():
     assert PRESETS["stories15M"].param_count() == 15_191_712
     assert PRESETS["stories110M"].param_count() == 109_529_856
     assert PRESETS["qwen3-0.6b-shaped"].layer_param_count() == 15_730_688
+    # Qwen/Qwen3-0.6B: QK-norm adds 2 x 128 gains per layer; transformers' Qwen3ForCausalLM counts the same
+    q = PRESETS["qwen3-0.6b"]
+    assert (q.qk_norm, q.rope_theta, q.norm_eps, q.tied_classifier) == (True, 1e6, 1e-6, True)
+    assert q.param_count() == 596_049_920
 
 
 @pytest.mark.parametrize(

@@ -108,9 +108,11 @@ def tiny_model(
     layers: int = 2,
     theta: float = 1e6,
     seed: int = 0,
+    init_range: float = 0.02,
 ):
     """A random transformers Qwen3ForCausalLM ("qwen3") or LlamaForCausalLM ("llama") in float32, its norm
-    gains perturbed (so a misplaced gain, e.g. a wrongly permuted q_norm, changes the logits)."""
+    gains perturbed (so a misplaced gain, e.g. a wrongly permuted q_norm, changes the logits). A larger
+    ``init_range`` gives the logits the range that lets a frozen random model be fine-tuned visibly."""
     transformers = transformers_or_skip()
     common = dict(
         vocab_size=vocab_size,
@@ -126,6 +128,7 @@ def tiny_model(
         tie_word_embeddings=tied,
         bos_token_id=None,
         eos_token_id=0,
+        initializer_range=init_range,
     )
     torch.manual_seed(seed)
     if arch == "qwen3":

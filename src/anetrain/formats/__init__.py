@@ -7,8 +7,8 @@ LoRA adapters, peft adapter directories (``peft.py``). Reading also takes anetra
 directories (``anetrain.checkpoint``), so trained runs can be inspected and exported (a LoRA run's with its
 adapters merged into its base, and the adapters beside), and Hugging Face Hub ids (``hub.py``).
 
-Detection: a directory (or a file inside one) with ``config.json`` is HF; one with ``manifest.json`` is an
-anetrain checkpoint; one with ``checkpoints/`` is a run directory (read: its newest verified checkpoint). A
+Detection: a directory with ``checkpoints/`` is a run directory (read: its newest verified checkpoint); one
+(or a file inside one) with ``config.json`` is HF; one with ``manifest.json`` is an anetrain checkpoint. A
 file starting with the BLZT magic is BLZT; with the llama2.c magic "ak42" it is llama2.c v1/v2; anything
 else is llama2.c v0 only if its size matches the size its 28-byte header implies (v0 has no magic).
 """
@@ -42,12 +42,13 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     """
     p = Path(path)
     if p.is_dir():
+        # a run directory has a config.json of its own (the run's options): checked before HF's
+        if (p / "checkpoints").is_dir() and not (p / hf.WEIGHTS).exists():
+            return "anetrain-run"
         if (p / hf.CONFIG).is_file():
             return "hf"
         if (p / CHECKPOINT_MANIFEST).is_file():
             return "anetrain-checkpoint"
-        if (p / "checkpoints").is_dir():
-            return "anetrain-run"
         raise InputError(
             p,
             f"is a directory without {hf.CONFIG} (Hugging Face model) or {CHECKPOINT_MANIFEST} "
