@@ -76,3 +76,48 @@ def test_bench_rows_subset_and_bad_input(tiny_model, capsys):
     assert "unknown bench row 'nonsense'" in capsys.readouterr().err
     assert main([*argv, "--repeat", "0"]) == 2
     assert "--repeat must be positive" in capsys.readouterr().err
+
+
+def test_finetune_bench_prints_lora_rows_against_transformers_peft(tmp_path, capsys):
+    """`anetrain bench --finetune` on a tiny QK-norm model: the lora row and the transformers+peft row train
+    the same weights on the same tokens (same loss trajectory), each in its own process, with their ratio."""
+    pytest.importorskip("transformers", reason="transformers is not installed (optional extra 'hf')")
+    pytest.importorskip("peft", reason="peft is not installed (optional extra 'test')")
+    cfg = tmp_path / "tiny-qwen3.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "dim": 64,
+                "hidden_dim": 96,
+                "n_layers": 2,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "head_dim": 24,
+                "vocab_size": 200,
+                "seq_len": 64,
+                "rope_theta": 1e6,
+                "norm_eps": 1e-6,
+                "qk_norm": True,
+            }
+        )
+    )
+    out = tmp_path / "ft.json"
+    argv = ["bench", "--finetune", "--model", str(cfg), "--seq", "32", "--steps", "2", "--warmup", "1"]
+    rc = main([*argv, "--lora-rank", "4", "--rows", "hf-lora,lora", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "LoRA rank 4 alpha 8" in text and "each row in its own process" in text
+    assert "loss trajectory, lora vs hf-lora" in text and ": OK" in text
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"hf-lora", "lora"}
+    assert (
+        rows["lora"]["trainable"]
+        == rows["hf-lora"]["trainable"]
+        == 2 * 4 * (3 * 64 + 96 + 2 * 48 + 96 + 64 + 2 * 64 + 2 * 96 + 96 + 64)
+    )
+    assert rows["lora"]["speedup_vs_hf"] == pytest.approx(
+        rows["hf-lora"]["ms_per_step"] / rows["lora"]["ms_per_step"]
+    )
+    assert rows["lora"]["peak_rss_mb"] > 0 and rows["lora"]["memory_vs_hf"] is not None
+    assert result["loss_check"]["max_rel_diff"] < 1e-3

@@ -49,7 +49,9 @@ def _model_dir(tmp_path, arch):
     vocab = load_tokenizer(tok).vocab_size
     save(tiny_model(arch, vocab, tied=arch == "qwen3", init_range=0.1), d)
     data = tmp_path / f"{arch}.bin"
-    res = run_cli(["prepare", str(shared_file("tinystories_valid_head.txt")), "--tokenizer", str(d), "--out", str(data)])
+    res = run_cli(
+        ["prepare", str(shared_file("tinystories_valid_head.txt")), "--tokenizer", str(d), "--out", str(data)]
+    )
     assert res.rc == 0, res.err
     return d, data
 
@@ -113,7 +115,9 @@ def test_full_finetuning_of_qwen3_and_resume_with_lora(tmp_path):
     resumed continues with the same adapters and base."""
     d, data = _model_dir(tmp_path, "qwen3")
     run = tmp_path / "full"
-    res = run_cli(train_argv(d, data, run, **{**LORA_RUN, "lora_rank": 0, "lr": 3e-3, "steps": 6, "eval_every": 3}))
+    res = run_cli(
+        train_argv(d, data, run, **{**LORA_RUN, "lora_rank": 0, "lr": 3e-3, "steps": 6, "eval_every": 3})
+    )
     assert res.rc == 0, res.err
     full = load_model(run)
     base = load_model(d)
@@ -134,7 +138,12 @@ def test_chat_data_trains_on_completions_only(tmp_path):
     lines = []
     for i in range(60):
         if i % 2:
-            lines.append({"prompt": f"Tell me story {i}.", "completion": f"Once upon a time there was a cat named {i}."})
+            lines.append(
+                {
+                    "prompt": f"Tell me story {i}.",
+                    "completion": f"Once upon a time there was a cat named {i}.",
+                }
+            )
         else:
             lines.append(
                 {
@@ -161,7 +170,9 @@ def test_chat_data_trains_on_completions_only(tmp_path):
     tok = load_tokenizer(d)
     # record 0's scored text is exactly its two assistant turns (each with its <|im_end|> and newline)
     first_end = int(np.flatnonzero(ids == tok.eos_id)[0])
-    scored = tok.tk.decode([int(t) for t in ids[:first_end][mask[:first_end] == 1]], skip_special_tokens=False)
+    scored = tok.tk.decode(
+        [int(t) for t in ids[:first_end][mask[:first_end] == 1]], skip_special_tokens=False
+    )
     assert scored == "0 dogs ran in the park.<|im_end|>\nThey slept.<|im_end|>\n"
     run = tmp_path / "run"
     opts = {**LORA_RUN, "seq": 32, "batch": 2, "steps": 8, "eval_every": 4, "val_fraction": 0.2}
@@ -183,7 +194,10 @@ def test_chat_data_trains_on_completions_only(tmp_path):
         ('{"messages": [{"role": "user", "content": "hi"}]}', "line 2: no assistant message"),
         ('{"messages": [{"role": "robot", "content": "hi"}]}', "line 2: message 0 has role 'robot'"),
         ("not json", "line 2: not valid JSON"),
-        ('{"prompt": "hi", "completion": "' + "word " * 300 + '"}', "line 2: the record has .* more than --max-tokens 100"),
+        (
+            '{"prompt": "hi", "completion": "' + "word " * 300 + '"}',
+            "line 2: the record has .* more than --max-tokens 100",
+        ),
     ],
 )
 def test_bad_chat_records_name_file_and_line_and_write_nothing(tmp_path, record, message):
@@ -193,7 +207,20 @@ def test_bad_chat_records_name_file_and_line_and_write_nothing(tmp_path, record,
     src.write_text('{"prompt": "a", "completion": "b"}\n' + record + "\n")
     out = tmp_path / "chat.bin"
     line = error_line(
-        run_cli(["prepare", str(src), "--tokenizer", str(tok_dir), "--out", str(out), "--format", "chat", "--max-tokens", "100"])
+        run_cli(
+            [
+                "prepare",
+                str(src),
+                "--tokenizer",
+                str(tok_dir),
+                "--out",
+                str(out),
+                "--format",
+                "chat",
+                "--max-tokens",
+                "100",
+            ]
+        )
     )
     assert str(src) in line
     import re
@@ -205,7 +232,18 @@ def test_bad_chat_records_name_file_and_line_and_write_nothing(tmp_path, record,
 def test_wide_vocabulary_gives_uint32_tokens_that_training_reads(tmp_path):
     tok = wide_tokenizer(tmp_path / "tok")
     out = tmp_path / "wide.bin"
-    res = run_cli(["prepare", str(shared_file("tinystories_sample.txt")), "--tokenizer", str(tok), "--out", str(out), "--separator", "endoftext"])
+    res = run_cli(
+        [
+            "prepare",
+            str(shared_file("tinystories_sample.txt")),
+            "--tokenizer",
+            str(tok),
+            "--out",
+            str(out),
+            "--separator",
+            "endoftext",
+        ]
+    )
     assert res.rc == 0, res.err
     side = json.loads((tmp_path / "wide.bin.json").read_text())
     assert side["dtype"] == "uint32" and "uint32" in res.err
@@ -217,7 +255,11 @@ def test_wide_vocabulary_gives_uint32_tokens_that_training_reads(tmp_path):
     tf = open_tokens(out)
     assert tf.tokens.dtype == np.dtype("<u4") and int(tf.tokens[0]) == int(ids[0])
     cfg = tmp_path / "wide.json"
-    cfg.write_text(json.dumps({"dim": 16, "hidden_dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 70257, "seq_len": 32}))
+    cfg.write_text(
+        json.dumps(
+            {"dim": 16, "hidden_dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 70257, "seq_len": 32}
+        )
+    )
     run = tmp_path / "run"
     res = run_cli(train_argv(cfg, out, run, steps=2, seq=16, eval_every=1, tokenizer=str(tok)))
     assert res.rc == 0, res.err
@@ -227,10 +269,13 @@ def test_wide_vocabulary_gives_uint32_tokens_that_training_reads(tmp_path):
 def test_lora_needs_a_pretrained_model_and_the_ane_refuses(tmp_path):
     from helpers.train import valid_head_tokens, write_model
 
-    line = error_line(run_cli(train_argv(write_model(tmp_path), valid_head_tokens(), tmp_path / "r", lora_rank=4)))
+    line = error_line(
+        run_cli(train_argv(write_model(tmp_path), valid_head_tokens(), tmp_path / "r", lora_rank=4))
+    )
     assert "--lora-rank adapts a pretrained model" in line
     d = save(tiny_model("qwen3", 512), tmp_path / "q")
     line = error_line(
-        run_cli(train_argv(d, valid_head_tokens(), tmp_path / "r2", backend="ane-sim", dtype="fp16")), after_log=True
+        run_cli(train_argv(d, valid_head_tokens(), tmp_path / "r2", backend="ane-sim", dtype="fp16")),
+        after_log=True,
     )
     assert "the Neural Engine programs do not implement QK-norm" in line

@@ -97,7 +97,10 @@ def _config(tmp_path, change):
             lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0}),
             "rope_parameters .* is not supported .*no RoPE scaling",
         ),
-        (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling .* not supported"),
+        (
+            lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+            "rope_scaling .* not supported",
+        ),
         (lambda c: c.update(use_sliding_window=True), "sliding-window attention is not supported"),
         (lambda c: c.update(attention_bias=True), "attention_bias must be false"),
         (lambda c: c.update(model_type="qwen3_moe"), "model_type is 'qwen3_moe'"),
@@ -114,7 +117,9 @@ def test_unsupported_configs_are_refused_with_one_line(tmp_path, change, message
 
 def test_hub_id_from_the_local_cache_offline(tmp_path, monkeypatch):
     """``--model owner/name`` resolves through huggingface_hub; offline, from its cache."""
-    hub = pytest.importorskip("huggingface_hub", reason="huggingface_hub is not installed (pip install anetrain[hf])")
+    hub = pytest.importorskip(
+        "huggingface_hub", reason="huggingface_hub is not installed (pip install anetrain[hf])"
+    )
     cache = tmp_path / "hub"
     snap = cache / "models--tiny--qwen3" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
     model = tiny_model("qwen3", VOCAB)
@@ -134,7 +139,7 @@ def test_hub_id_from_the_local_cache_offline(tmp_path, monkeypatch):
         load_model("tiny/absent")
 
 
-# ---- tokenizer.json ------------------------------------------------------------------------------------------
+# ---- tokenizer.json ---------------------------------------------------------------------------------------
 
 
 def test_qwen_style_tokenizer_conventions(tmp_path):
@@ -174,5 +179,5 @@ def test_bad_tokenizer_json(tmp_path):
 
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"version": "1.0", "model": 3}')
-    with pytest.raises(InputError, match="not a Hugging Face tokenizer.json"):
+    with pytest.raises(InputError, match=r"not a Hugging Face tokenizer\.json"):
         load_tokenizer(bad)

@@ -1,7 +1,7 @@
-"""Tiny Hugging Face models and tokenizers made on the spot (no download): random Qwen3 and Llama models built by
-transformers itself, and tokenizer.json files trained with the tokenizers library on the shared TinyStories
-text, with Qwen-like (byte-level BPE, no BOS, <|endoftext|>, a chat template) and Llama-like (sentencepiece-style
-BPE with byte fallback, <s> added before every text, </s>) conventions."""
+"""Tiny Hugging Face models and tokenizers made on the spot (no download): random Qwen3 and Llama models built
+by transformers itself, and tokenizer.json files trained with the tokenizers library on the shared
+TinyStories text, with Qwen-like (byte-level BPE, no BOS, <|endoftext|>, a chat template) and Llama-like
+(sentencepiece-style BPE with byte fallback, <s> added before every text, </s>) conventions."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def anetrain_logits(params, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits from anetrain's kernels (the baseline pipeline's forward, then the final norm and classifier)."""
+    """Logits from anetrain's kernels (the baseline pipeline's forward, the final norm, the classifier)."""
     from anetrain import kernels as K
     from anetrain.pipeline.baseline import BaselinePipeline
 

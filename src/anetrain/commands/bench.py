@@ -12,7 +12,13 @@ Benchmark, in one process, on the same random tokens and the same initial weight
 trained the usual way (autograd, torch.compile, autocast, fused AdamW, clipping: llama2.c's train.py with
 its optimizer made as fast as torch allows), (b) anetrain's baseline pipeline (fp32, serial), (c) the
 optimized pipeline. A step is one micro-batch; the optimizer runs once per --accum steps and its time is
-spread over them. ms/step is the median of the timed steps after --warmup steps."""
+spread over them. ms/step is the median of the timed steps after --warmup steps.
+
+--finetune benchmarks fine-tuning instead: a Qwen3-0.6B-sized model (the qwen3-0.6b preset: the real
+architecture with random weights, nothing downloaded; or --model), batch 1 x 512 by default, LoRA (rank
+--lora-rank on every projection) and full fine-tuning, each against transformers + peft with torch's fused
+AdamW on the same weights and tokens (rows hf-lora, lora, hf-full, full; one optimizer step per micro-batch).
+Each row runs in a fresh process, so its peak memory is its own."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,11 +30,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", default="stories110M", help="preset name or model config file")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="preset name or model config file (default stories110M; qwen3-0.6b with --finetune)",
+    )
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
-    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    p.add_argument(
+        "--seq", type=int, default=None, help="tokens per sequence (default 256; 512 with --finetune)"
+    )
     p.add_argument("--accum", type=int, default=10, help="micro-batches per optimizer step")
-    p.add_argument("--steps", type=int, default=20, help="timed micro-steps per row")
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed micro-steps per row (default 20; 5 with --finetune)"
+    )
+    p.add_argument(
+        "--finetune",
+        action="store_true",
+        help="the fine-tuning benchmark: LoRA and full fine-tuning against transformers + peft (see above)",
+    )
+    p.add_argument("--lora-rank", type=int, default=16, help="--finetune: the adapters' rank")
+    p.add_argument("--lora-alpha", type=float, default=None, help="--finetune: LoRA alpha (default 2 x rank)")
     p.add_argument(
         "--repeat",
         type=int,
@@ -50,8 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--rows",
-        default="reference,baseline,optimized",
-        help="comma-separated rows to run: reference, baseline, optimized",
+        default=None,
+        help="comma-separated rows to run: reference, baseline, optimized (default all three); with "
+        "--finetune hf-lora, lora, hf-full, full (default all four)",
     )
     p.add_argument(
         "--backend",
@@ -96,6 +118,12 @@ def run(args: argparse.Namespace) -> int:
     from ..config import resolve_config
     from ..errors import ConfigError
 
+    if args.finetune:
+        return _finetune_bench(args)
+    defaults = {"model": "stories110M", "seq": 256, "steps": 20, "rows": "reference,baseline,optimized"}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     for name in ("batch", "seq", "accum", "steps", "repeat"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be positive")
@@ -130,6 +158,50 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
+    lc = result.get("loss_check")
+    return 0 if lc is None or lc["ok"] else 1
+
+
+def _finetune_bench(args: argparse.Namespace) -> int:
+    """LoRA and full fine-tuning against transformers + peft, each row in its own process."""
+    import json
+
+    from ..bench_finetune import ROWS, FinetuneConfig, format_finetune_table, run_finetune_bench
+    from ..config import resolve_config
+    from ..errors import ConfigError
+    from ..fsutil import atomic_write_text
+
+    if args.backend not in ("auto", "cpu"):
+        raise ConfigError("--finetune runs on the CPU (--backend cpu or auto)")
+    fc = FinetuneConfig(
+        cfg=resolve_config(args.model or "qwen3-0.6b"),
+        batch=args.batch,
+        seq=512 if args.seq is None else args.seq,
+        steps=5 if args.steps is None else args.steps,
+        warmup=args.warmup if args.warmup is not None else 2,
+        rank=args.lora_rank,
+        alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank,
+        rows=tuple(r.strip() for r in (args.rows or ",".join(ROWS)).split(",") if r.strip()),
+        seed=args.seed,
+    )
+    for name in ("batch", "seq", "steps", "rank"):
+        if getattr(fc, name) <= 0:
+            raise ConfigError(f"--{'lora-rank' if name == 'rank' else name} must be positive")
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = run_finetune_bench(fc, log)
+    from ..telemetry.peak import _cpu_name
+
+    print(
+        f"fine-tuning {fc.cfg.name}: batch {fc.batch} x {fc.seq}, LoRA rank {fc.rank} alpha {fc.alpha:g} on "
+        f"every projection, bf16 compute; {_cpu_name()} ({result['config']['threads']} threads); each row in "
+        "its own process"
+    )
+    print(format_finetune_table(result))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1))
     lc = result.get("loss_check")
     return 0 if lc is None or lc["ok"] else 1
 
