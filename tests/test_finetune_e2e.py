@@ -46,7 +46,7 @@ def _model_dir(tmp_path, arch):
     tok = (qwen_tokenizer if arch == "qwen3" else llama_tokenizer)(d)
     from anetrain.tokenizer import load_tokenizer
 
-    vocab = load_tokenizer(tok).vocab_size
+    vocab = load_tokenizer(tok).vocab_size + 8  # embedding rows beyond the tokenizer's ids, as Qwen3 has
     save(tiny_model(arch, vocab, tied=arch == "qwen3", init_range=0.1), d)
     data = tmp_path / f"{arch}.bin"
     res = run_cli(

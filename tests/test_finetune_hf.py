@@ -181,3 +181,31 @@ def test_bad_tokenizer_json(tmp_path):
     bad.write_text('{"version": "1.0", "model": 3}')
     with pytest.raises(InputError, match=r"not a Hugging Face tokenizer\.json"):
         load_tokenizer(bad)
+
+
+def test_generation_decoder_gives_transformers_logits_for_qwen3(tmp_path, capsysbinary):
+    """The KV-cache decoder (anetrain generate) applies QK-norm too: its logits at every position equal
+    transformers' for the same tokens, and `anetrain generate --temperature 0` with the model directory's
+    tokenizer.json runs; its greedy tokens are transformers' greedy continuation of the same start token."""
+    from anetrain.cli import main
+    from anetrain.generate import KVCacheDecoder
+    from anetrain.tokenizer import load_tokenizer
+
+    model = tiny_model("qwen3", 320, tied=True, init_range=0.1)
+    d = save(model, tmp_path / "m")
+    qwen_tokenizer(d)
+    m = load_model(d)
+    dec = KVCacheDecoder(m.params, positions=TOKENS.shape[1])
+    steps = torch.stack([dec.step(int(t)) for t in TOKENS[0]])
+    torch.testing.assert_close(steps, logits_of(model, TOKENS[:1])[0], rtol=0, atol=1e-4)
+    argv = ["generate", "--model", str(d), "--tokenizer", str(d), "--temperature", "0", "--steps", "12"]
+    assert main(argv) == 0
+    assert capsysbinary.readouterr().out.endswith(b"\n")
+    from anetrain.generate import generate
+
+    tok = load_tokenizer(d)
+    ours = generate(m.params, tok, steps=12, temperature=0.0, seed=1).tokens
+    start = torch.tensor([[tok.bos_id]])  # no BOS in Qwen3: generation starts after an <|endoftext|>
+    with torch.no_grad():
+        greedy = model.generate(start, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_id)
+    assert ours == greedy[0].tolist()[: len(ours)] and len(ours) > 1

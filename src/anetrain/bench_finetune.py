@@ -53,6 +53,7 @@ class FinetuneConfig:
     lr: float = 1e-4
     clip: float = 1.0
     threads: int | None = None
+    repeat: int = 1  # rounds over the rows, round-robin, each row a fresh process every round; steps pooled
 
 
 @dataclass
@@ -268,21 +269,24 @@ def run_finetune_bench(fc: FinetuneConfig, log: Any = print) -> dict[str, Any]:
                     f"the {mod} row needs {mod} (pip install anetrain[{extra}]); or leave it out with --rows"
                 ) from None
     ctx = mp.get_context("spawn")
-    rows: dict[str, dict[str, Any]] = {}
-    for name in fc.rows:
-        log(f"running {name} in a fresh process ({fc.warmup} warm-up + {fc.steps} timed steps)...")
-        parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(fc, name, child))
-        proc.start()
-        child.close()
-        try:
-            status, payload = parent.recv()
-        except EOFError:
-            status, payload = "error", f"the process ended with status {proc.exitcode} (out of memory?)"
-        proc.join()
-        if status != "ok":
-            raise AnetrainError(f"bench row {name}: {payload}")
-        rows[name] = payload
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in fc.rows}
+    for round_ in range(fc.repeat):
+        for name in fc.rows:
+            tag = f" (round {round_ + 1}/{fc.repeat})" if fc.repeat > 1 else ""
+            log(f"running {name} in a fresh process ({fc.warmup} warm-up + {fc.steps} timed steps){tag}...")
+            parent, child = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, args=(fc, name, child))
+            proc.start()
+            child.close()
+            try:
+                status, payload = parent.recv()
+            except EOFError:
+                status, payload = "error", f"the process ended with status {proc.exitcode} (out of memory?)"
+            proc.join()
+            if status != "ok":
+                raise AnetrainError(f"bench row {name}: {payload}")
+            runs[name].append(payload)
+    rows = {name: _pool(rs) for name, rs in runs.items()}
     from .telemetry.flops import training_flops_per_sequence
 
     out_rows = []
@@ -317,12 +321,24 @@ def run_finetune_bench(fc: FinetuneConfig, log: Any = print) -> dict[str, Any]:
             "seed": fc.seed,
             "lr": fc.lr,
             "threads": fc.threads or torch.get_num_threads(),
+            "repeat": fc.repeat,
             "python": sys.version.split()[0],
             "torch": torch.__version__,
         },
         "rows": out_rows,
         "loss_check": check,
     }
+
+
+def _pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from its rounds: the median over all their timed steps, the highest memory; losses, build
+    time and phases from the first round (the losses are the same every round)."""
+    first = dict(runs[0])
+    first["step_ms"] = [ms for r in runs for ms in r["step_ms"]]
+    first["ms_per_step"] = statistics.median(first["step_ms"])
+    first["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    first["max_rss_mb"] = max(r["max_rss_mb"] for r in runs)
+    return first
 
 
 def format_finetune_table(result: dict[str, Any]) -> str:

@@ -51,6 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-rank", type=int, default=16, help="--finetune: the adapters' rank")
     p.add_argument("--lora-alpha", type=float, default=None, help="--finetune: LoRA alpha (default 2 x rank)")
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="--finetune: torch threads in each row's process (default torch's)",
+    )
+    p.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -183,8 +189,10 @@ def _finetune_bench(args: argparse.Namespace) -> int:
         alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank,
         rows=tuple(r.strip() for r in (args.rows or ",".join(ROWS)).split(",") if r.strip()),
         seed=args.seed,
+        threads=args.threads,
+        repeat=args.repeat,
     )
-    for name in ("batch", "seq", "steps", "rank"):
+    for name in ("batch", "seq", "steps", "rank", "repeat"):
         if getattr(fc, name) <= 0:
             raise ConfigError(f"--{'lora-rank' if name == 'rank' else name} must be positive")
 

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from ..params import ModelParams
+from ..params import FlatParams
 from ..timing import PhaseTimes
 
 #: called with a bucket of ``grads.buckets()`` whose gradients for this micro-step are complete
@@ -22,9 +22,15 @@ GradReadyHook = Callable[[torch.Tensor], None]
 class Pipeline(Protocol):
     """One model's training step, wherever and however it runs.
 
-    ``params`` are the float32 master weights (the optimizer updates them in place, then calls
-    :meth:`after_update` so the pipeline can refresh any compute copy); ``grads`` has the same layout and
-    accumulates ``grad_scale`` times the gradient of each micro-batch's mean loss.
+    ``params`` are the float32 master weights of what trains (the optimizer updates them in place, then
+    calls :meth:`after_update` so the pipeline can refresh any compute copy): the whole model (a
+    :class:`~anetrain.params.ModelParams`), or with LoRA the adapters (a :class:`~anetrain.lora.LoraParams`,
+    whose ``base`` is the frozen model); ``grads`` has the same layout and accumulates ``grad_scale`` times
+    the gradient of each micro-batch's mean loss.
+
+    The torch pipelines also take ``loss_mask`` ([B, S] bool: the targets the mean loss is over, for
+    instruction data) in :meth:`forward_backward` and :meth:`loss`; the trainer passes it only for masked
+    data, which the Neural Engine pipelines refuse at setup.
     """
 
     #: the schedule: "baseline", "optimized", "ane-sim", "ane"
@@ -37,8 +43,8 @@ class Pipeline(Protocol):
     fusion: str | None
     #: a line for the run's log about a choice made for the user (e.g. a fallback), "" when there is none
     note: str
-    params: ModelParams
-    grads: ModelParams
+    params: FlatParams
+    grads: FlatParams
     times: PhaseTimes
     #: True when gradients come from 16-bit float arithmetic that can overflow (fp16): the trainer then uses
     #: dynamic loss scaling, passing the scale in ``grad_scale`` and checking the gradients before updating.

@@ -51,6 +51,7 @@ from ..backends import fused
 from ..backends.fusion import choose as choose_fusion
 from ..backends.gemm import MatMul, blas_threads, torch_matmul
 from ..backends.gemm import choose as choose_gemm
+from ..config import ModelConfig
 from ..data.compaction import VocabCompaction
 from ..errors import ConfigError
 from ..lora import GROUPS, LoraParams, io_dims
@@ -79,7 +80,9 @@ class LoraGroup:
     gbs: list[torch.Tensor]  # [out_j, r] fp32 gradients
 
 
-def lora_groups(cfg, lw: LoraParams, grads: LoraParams, layer: int) -> dict[str, LoraGroup | None]:
+def lora_groups(
+    cfg: ModelConfig, lw: LoraParams, grads: LoraParams, layer: int
+) -> dict[str, LoraGroup | None]:
     """The adapters of ``layer`` per projection group (None for a group without adapted members)."""
     out: dict[str, LoraGroup | None] = {}
     r = lw.lora.rank

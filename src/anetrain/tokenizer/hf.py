@@ -197,7 +197,19 @@ class HFTokenizer(Tokenizer):
         return piece
 
     def decode(self, ids: Iterable[int]) -> str:
-        return str(self.tk.decode([int(i) for i in ids], skip_special_tokens=True))
+        """The text of ``ids`` (special tokens and ids beyond the tokenizer, e.g. a model's padding rows,
+        left out)."""
+        n = self.vocab_size
+        return str(self.tk.decode([int(i) for i in ids if 0 <= int(i) < n], skip_special_tokens=True))
+
+    def check_covers(self, vocab_size: int, what: str = "the model") -> None:
+        """Hugging Face models often have more embedding rows than their tokenizer has ids (Qwen3: 151,936
+        rows, 151,669 ids; the rest is padding): only a tokenizer with ids the model lacks is refused."""
+        if self.vocab_size > vocab_size:
+            raise InputError(
+                self.path,
+                f"tokenizer has ids up to {self.vocab_size - 1}, beyond {what}'s vocabulary of {vocab_size}",
+            )
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         """The text of a conversation through the chat template (transformers' sandboxed renderer)."""
