@@ -43,7 +43,7 @@ def _quiet_and_fast(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @functools.cache
 def kernels(name: str, chip: str, inputs: str):  # type: ignore[no-untyped-def]
-    return build_kernel_set(CONFIGS[name], chip, inputs)
+    return build_kernel_set(CONFIGS[name], chip, inputs, extras=True, programs="anetrain")
 
 
 @pytest.mark.parametrize("inputs", ["separate", "packed"])
@@ -73,7 +73,7 @@ def test_every_program_builds_and_converts_with_coremltools(name: str, chip: str
 
 def test_a_wrong_declared_shape_is_caught() -> None:
     """The check has teeth: a graph whose recorded shape disagrees with Apple's inference is reported."""
-    p = build_kernel_set(CONFIGS["gqa"], "m4")["wo_fwd"]
+    p = build_kernel_set(CONFIGS["gqa"], "m4", "separate", extras=True, programs="anetrain")["wo_fwd"]
     graph = p.graph
     assert graph is not None
     idx = next(i for i, n in enumerate(graph.nodes) if n.out.name == "o")

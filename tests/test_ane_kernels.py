@@ -4,7 +4,7 @@ Three model shapes (MHA with padded head_dim 16 and seq 24; stories260K's GQA wi
 GQA with head_dim 32 != dim/heads) in both input conventions. The reference is anetrain.kernels in float64
 on the same fp16-rounded inputs; the simulator holds fp16 values and accumulates matmuls in fp32.
 
-Tolerance: relative Frobenius error <= 2.5e-3 for every output. fp16 has a unit roundoff of 2^-11 = 4.9e-4;
+Tolerance: relative Frobenius error <= 1.2e-3 for every output. fp16 has a unit roundoff of 2^-11 = 4.9e-4;
 each output is the end of a short chain of rounded ops (attention: projection, RoPE, scores, softmax,
 P V). Measured: 2.1e-4 (single GEMMs) to 8.3e-4 (dK, dQ after the two-part attention backward).
 """
@@ -24,7 +24,7 @@ from anetrain.ane.sim import SimExecutor
 from anetrain.ane.surfaces import Staging, read_operand
 from anetrain.config import ModelConfig, make_config
 
-TOL = 2.5e-3
+TOL = 1.2e-3
 
 CASES = {
     "mha": dict(dim=64, hidden_dim=80, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=96, seq_len=24),
@@ -42,7 +42,7 @@ def config(case: str) -> ModelConfig:
 
 @functools.cache
 def kernel_set(case: str, inputs: str) -> KernelSet:
-    return build_kernel_set(config(case), "m4", inputs)
+    return build_kernel_set(config(case), "m4", inputs, extras=True, programs="anetrain")
 
 
 EXECUTOR = SimExecutor()

@@ -1,10 +1,13 @@
 """AneSimPipeline: forward and dx as ANE programs in the simulator, the rest on the CPU.
 
-A full step's gradients against autograd (anetrain.reference), for MHA and GQA models in both input
-conventions: relative Frobenius error <= 4e-3 per tensor (measured 1.8e-4 to 1.2e-3; fp16 activations
-and weights with fp32 accumulation), loss within 2e-5 relative (measured <= 1.5e-6). Then a
-stories260K-shaped model (GQA 8/4, head_dim 8 padded to 32, hidden 172 padded to 192; 2 layers and seq 32
-to keep CI fast) trained from scratch on TinyStories tokens next to the float32 BaselinePipeline.
+A full step's gradients against autograd (anetrain.reference), for MHA and GQA models in every program
+form (the original's programs, the default, and anetrain's with packed and separate inputs): relative
+Frobenius error <= 1.5e-3 per tensor (measured up to 1.12e-3 with the original's programs and 1.18e-3 with
+anetrain's; fp16 activations and weights with fp32 accumulation), loss within 2e-6 relative (measured
+<= 1.4e-6). With the original's programs this also checks the GQA head mapping (h // R) and the host's
+tiling, group sums and inverse RoPE. Then a stories260K-shaped model (GQA 8/4, head_dim 8 padded to 32,
+hidden 172 padded to 192; 2 layers and seq 32 to keep CI fast) trained from scratch on TinyStories tokens
+next to the float32 BaselinePipeline.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from anetrain.params import init_params
 from anetrain.pipeline.baseline import BaselinePipeline
 from anetrain.pipeline.dw import SerialDW
 from anetrain.reference import ReferenceModel
-from conftest import shared_file
+from helpers.data import shared_file
 
-GRAD_TOL = 4e-3
+GRAD_TOL = 1.5e-3
+FORMS = [("original", "packed"), ("anetrain", "packed"), ("anetrain", "separate")]
 SCALE = 1024.0  # a loss scale, as the trainer's dynamic scaler would pass in grad_scale
 
 CASES = {
@@ -49,17 +53,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("inputs", ["separate", "packed"])
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: "/".join(f))
 @pytest.mark.parametrize("case", list(CASES))
-def test_step_matches_autograd(case: str, inputs: str) -> None:
+def test_step_matches_autograd(case: str, form: tuple[str, str]) -> None:
     _, params, window = setup(case)
-    pipe = AneSimPipeline(params, inputs=inputs)
+    pipe = AneSimPipeline(params, programs=form[0], inputs=form[1])
     loss = pipe.forward_backward(window, SCALE)
     pipe.close()
     model = ReferenceModel.from_params(params)
     ref_loss = model.loss(window[:, :-1], window[:, 1:])
     ref_loss.backward()
-    assert abs(loss - ref_loss.item()) <= 2e-5 * ref_loss.item()
+    assert abs(loss - ref_loss.item()) <= 2e-6 * ref_loss.item()
     ref = model.grads_as_dict()
     assert set(ref) == set(pipe.grads.tensors)
     for name, r in ref.items():
@@ -89,6 +93,7 @@ def test_gradients_accumulate_and_the_executor_is_a_seam() -> None:
     )
     assert len(ex.names) == 2 * cfg.n_layers * 10  # type: ignore[attr-defined]
     assert ex.names[:3] == ["sdpa_fwd", "wo_fwd", "ffn_fused"]  # type: ignore[attr-defined]
+    assert all(p.program_set == "original" for p in pipe._for_seq(16).kernels)  # the default
     assert ex.compiles == 10  # every program compiled once, shared by both layers
     for p in (pipe, once):
         p.close()
@@ -151,12 +156,13 @@ def train(
 
 @pytest.mark.slow
 def test_stories260K_shaped_training_tracks_the_float32_baseline() -> None:
-    """From the same init and batches, the fp16 ANE pipeline's loss curve stays within 0.25 nats (20-step
-    moving average) of the float32 baseline's over 250 steps, and both learn (6.25 -> ~4.1).
+    """From the same init and batches, the fp16 ANE pipeline (the original's programs) keeps its loss curve
+    within 0.18 nats (20-step moving average) of the float32 baseline's over 250 steps, and both learn
+    (6.25 -> ~4.1).
 
-    Measured (this seed): final averages 4.145 (baseline) and 4.029 (ANE), max gap 0.141, mean 0.058;
-    two other data orders over 300 steps gave max gaps 0.103 and 0.026, the ANE sometimes above and
-    sometimes below.
+    Measured (this seed): final averages 4.128 (baseline) and 4.060 (ANE), max gap 0.133, mean 0.051 (with
+    anetrain's programs: 4.040, max gap 0.128, mean 0.054); earlier versions with other data orders over
+    300 steps gave max gaps of 0.10 and 0.03, the ANE sometimes above and sometimes below.
 
     The trajectories do drift apart (Adam amplifies any difference; a 1e-4 relative weight perturbation
     of the baseline alone moves its own curve by ~0.05), so the bound is on the curves, not the weights.
@@ -179,4 +185,4 @@ def test_stories260K_shaped_training_tracks_the_float32_baseline() -> None:
     sa = np.convolve(ane, np.ones(k) / k, mode="valid")
     assert sb[-1] < base[0] - 1.5 and sa[-1] < ane[0] - 1.5
     gap = np.abs(sa - sb)
-    assert gap.max() < 0.25, f"max gap {gap.max():.3f}"
+    assert gap.max() < 0.18, f"max gap {gap.max():.3f}"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from anetrain.ane.blob import build_blob, read_blob
+from anetrain.ane.limits import AneLimitError
 from anetrain.ane.mil import MilBuilder, MilBuildError, Op, render_text
 from anetrain.ane.milparse import MilError, parse_mil
 from anetrain.ane.programs import BACKWARD, EXTRAS, FORWARD, build_kernel_set
@@ -52,7 +53,7 @@ def test_blob_reader_rejects_damaged_blobs() -> None:
 
 
 def test_m4_text_has_the_in_memory_compiler_header() -> None:
-    text = build_kernel_set(GQA, "m4")["wo_fwd"].mil_text
+    text = build_kernel_set(GQA, "m4", "separate", extras=True, programs="anetrain")["wo_fwd"].mil_text
     lines = text.splitlines()
     assert lines[0] == "program(1.3)"
     assert lines[1] == (
@@ -67,23 +68,23 @@ def test_m4_text_has_the_in_memory_compiler_header() -> None:
 
 
 def test_m1_text_uses_program_1_0_and_verbose_scalars() -> None:
-    for p in build_kernel_set(GQA, "m1", "packed"):
+    for p in build_kernel_set(GQA, "m1", "packed", extras=True, programs="anetrain"):
         text = p.mil_text
         assert text.startswith("program(1.0)\n[buildInfo = dict<tensor<string, []>, tensor<string, []>>(")
         assert "func main<ios16>(" in text
         assert "string(" not in text.replace("tensor<string, []>(", "")  # no short scalar syntax anywhere
         assert "cast(" not in text
         assert 'name = tensor<string, []>("out")' in text
-    blobbed = build_kernel_set(GQA, "m1")["sdpa_fwd"].mil_text
+    blobbed = build_kernel_set(GQA, "m1", "separate", extras=True, programs="anetrain")["sdpa_fwd"].mil_text
     path = 'tensor<string, []>("@model_path/weights/causal_mask.bin")'
     assert f"BLOBFILE(path = {path}, offset = tensor<uint64, []>(64))" in blobbed
 
 
 def test_unknown_chip_and_convention_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="unknown chip 'm9'"):
-        build_kernel_set(GQA, "m9")
+        build_kernel_set(GQA, "m9", "separate", extras=True, programs="anetrain")
     with pytest.raises(ConfigError, match="unknown input convention 'interleaved'"):
-        build_kernel_set(GQA, "m4", "interleaved")
+        build_kernel_set(GQA, "m4", "interleaved", extras=True, programs="anetrain")
 
 
 # ---- shapes and padding --------------------------------------------------------------------------
@@ -105,7 +106,7 @@ def _matmul_inner_dims(program) -> list[int]:
 @pytest.mark.parametrize("chip", ["m1", "m4"])
 def test_stories260K_is_padded_to_the_matmul_rule(chip: str) -> None:
     """head_dim 8 -> 32 and hidden 172 -> 192; every matmul's inner dimension is a multiple of 32."""
-    ks = build_kernel_set(PRESETS["stories260K"], chip, seq=48)
+    ks = build_kernel_set(PRESETS["stories260K"], chip, "separate", seq=48, extras=True, programs="anetrain")
     assert ks.dims.padding() == {"hidden_dim": [172, 192], "head_dim": [8, 32], "seq": [48, 64]}
     inner = [d for p in ks for d in _matmul_inner_dims(p)]
     assert len(inner) > 30 and all(d % 32 == 0 for d in inner)
@@ -133,19 +134,19 @@ def test_builder_refuses_a_matmul_the_ane_would_zero() -> None:
 
 def test_separate_inputs_are_declared_in_binding_order_with_one_allocation() -> None:
     for chip, align in (("m4", 64), ("m5", 128)):
-        for p in build_kernel_set(GQA, chip):
+        for p in build_kernel_set(GQA, chip, "separate", extras=True, programs="anetrain"):
             names = [t.name for t in p.inputs]
             assert names == sorted(names)
             declared = parse_mil(p.mil_text).inputs
             assert [n for n, _ in declared] == names
             assert p.input_alloc_bytes == -(-max(t.nbytes for t in p.inputs) // align) * align
             assert p.output_alloc_bytes % align == 0
-    rms = build_kernel_set(GQA, "m5")["rmsnorm"]
+    rms = build_kernel_set(GQA, "m5", "separate", extras=True, programs="anetrain")["rmsnorm"]
     assert [t.nbytes for t in rms.inputs] == [128, 8192] and rms.input_alloc_bytes == 8192
 
 
 def test_packed_layouts_follow_the_original() -> None:
-    ks = build_kernel_set(GQA, "m4", "packed")
+    ks = build_kernel_set(GQA, "m4", "packed", extras=True, programs="anetrain")
     ffn = ks["ffn_fused"]
     assert [t.shape for t in ffn.inputs] == [(1, 64, 1, 2 * 64 + 3 * 192)]  # [xn2 . x2 . W1^T . W3^T . W2]
     pl = {k: (p.w0, p.transposed) for k, p in ffn.in_placements.items()}
@@ -169,7 +170,7 @@ def test_packed_layouts_follow_the_original() -> None:
 @pytest.mark.parametrize("chip", ["m1", "m4"])
 @pytest.mark.parametrize("inputs", ["separate", "packed"])
 def test_every_program_parses_back_to_its_graph(chip: str, inputs: str) -> None:
-    for p in build_kernel_set(MHA, chip, inputs):
+    for p in build_kernel_set(MHA, chip, inputs, extras=True, programs="anetrain"):
         parsed = parse_mil(p.mil_text, p.name)
         assert (parsed.version, parsed.opset) == (p.dialect.program_version, p.dialect.opset)
         assert [(n, t.dims) for n, t in parsed.inputs] == [(t.name, t.shape) for t in p.inputs]
@@ -225,64 +226,85 @@ def test_parser_errors_name_the_line(text: str, message: str) -> None:
 
 
 def test_emit_writes_programs_blobs_and_manifest(tmp_path, capsys) -> None:
+    """anetrain's own programs with separate inputs and the extras (the original's: test_ane_original)."""
     out = tmp_path / "kernels"
-    rc = main(["ane", "emit", "--model", "stories260K", "--chip", "m3", "--seq", "64", "--out", str(out)])
+    argv = ["ane", "emit", "--model", "stories260K", "--chip", "m3", "--seq", "64", "--out", str(out)]
+    rc = main([*argv, "--programs", "anetrain", "--inputs", "separate", "--extras"])
     assert rc == 0
-    ks = build_kernel_set(PRESETS["stories260K"], "m3", seq=64)
+    ks = build_kernel_set(PRESETS["stories260K"], "m3", "separate", seq=64, extras=True, programs="anetrain")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "anetrain-ane-kernels" and manifest["chip"] == "m3"
+    assert manifest["programs_set"] == "anetrain" and manifest["inputs"] == "separate"
     assert manifest["padding"] == {"hidden_dim": [172, 192], "head_dim": [8, 32]}
     assert [p["name"] for p in manifest["programs"]] == list(ALL)
     for p in ks:
         assert (out / f"{p.name}.mil").read_text() == p.mil_text
-        for path, data in p.weights.items():
-            assert (out / p.name / "weights" / path.split("/")[-1]).read_bytes() == data
+        for path, data in p.weights.items():  # constants with one content per name are shared
+            assert (out / "weights" / path.split("/")[-1]).read_bytes() == data
     sdpa = next(p for p in manifest["programs"] if p["name"] == "sdpa_fwd")
     assert sdpa["input_binding_order"] == ["wk", "wq", "wv", "xn"]
-    assert sdpa["input_alloc_bytes"] == 256 * 64 * 2
+    assert sdpa["input_alloc_bytes"] == 256 * 64 * 2 and sdpa["input_surfaces"] == 4
+    assert sdpa["program_set"] == "anetrain" and sdpa["convention"] == "separate"
+    sizes = (out / "sizes.txt").read_text().splitlines()
+    assert sizes[0] == f"sdpa_fwd in={4 * 256 * 64 * 2} out={4 * sdpa['output_alloc_bytes']}"
     assert "wrote 14 programs for stories260K" in capsys.readouterr().out
 
 
 def test_emit_from_a_config_file_packed(tmp_path) -> None:
     cfg = tmp_path / "tiny.toml"
     cfg.write_text("dim = 64\nhidden_dim = 96\nn_layers = 1\nn_heads = 2\nvocab_size = 64\nseq_len = 32\n")
-    rc = main(
-        [
-            "ane",
-            "emit",
-            "--model",
-            str(cfg),
-            "--inputs",
-            "packed",
-            "--no-extras",
-            "--out",
-            str(tmp_path / "o"),
-        ]
-    )
-    assert rc == 0
+    argv = ["ane", "emit", "--model", str(cfg), "--programs", "anetrain", "--inputs", "packed"]
+    assert main([*argv, "--no-extras", "--out", str(tmp_path / "o")]) == 0  # --no-extras: still accepted
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["inputs"] == "packed" and len(manifest["programs"]) == 10
     assert all(p["input_binding_order"] == ["x"] for p in manifest["programs"])
 
 
-def test_tensors_beyond_the_hardware_caps_are_flagged(tmp_path, capsys) -> None:
+def test_tensors_beyond_the_hardware_limits_are_refused(tmp_path, capsys) -> None:
+    """Limits are errors (one line naming the program, the tensor, the limit and the chip), per limit."""
+
     def vocab(v: int):  # type: ignore[no-untyped-def]
         return make_config(dim=64, hidden_dim=96, n_layers=1, n_heads=2, vocab_size=v, seq_len=32)
 
-    packed = build_kernel_set(vocab(40000), "m4", "packed")["classifier"]
-    assert packed.inputs[0].shape == (1, 64, 1, 32 + 40000) and packed.meta["warnings"] == []
-    m1 = build_kernel_set(vocab(40000), "m1", "packed")["classifier"]
-    assert m1.meta["warnings"] == ["x: width 40032 exceeds the m1 cap of 16384"]
-    ks = build_kernel_set(vocab(70000), "m4")
-    assert ks["classifier"].meta["warnings"] == [
-        "wcls: 70000 channels exceed the cap of 65536",
-        "logits: 70000 channels exceed the cap of 65536",
-    ]
-    assert ks["sdpa_fwd"].meta["warnings"] == []
+    packed = build_kernel_set(vocab(40000), "m4", "packed", extras=True, programs="anetrain")["classifier"]
+    assert packed.inputs[0].shape == (1, 64, 1, 32 + 40000)  # width 40032 fits M3-M5 ...
+    with pytest.raises(
+        AneLimitError,
+        match=r"^ANE program classifier: tensor x \[1, 64, 1, 40032\] has width "
+        r"40032, above the limit of 16384 on m1$",
+    ):
+        build_kernel_set(vocab(40000), "m1", "packed", extras=True, programs="anetrain")  # ... not M1/M2
+    with pytest.raises(
+        AneLimitError,
+        match=r"ANE program classifier: tensor \w+ \[1, 70000, 1, \d+\] has 70000 "
+        r"channels, above the limit of 65536 on m4",
+    ):
+        build_kernel_set(vocab(70000), "m4", "separate", extras=True, programs="anetrain")
+    build_kernel_set(vocab(70000), "m4")  # the ten programs without the classifier fit
     cfg = tmp_path / "big.json"
     cfg.write_text(json.dumps({k: v for k, v in vocab(70000).to_dict().items() if k != "name"}))
-    assert main(["ane", "emit", "--model", str(cfg), "--out", str(tmp_path / "o")]) == 0
-    assert "warning: classifier: wcls: 70000 channels exceed the cap of 65536" in capsys.readouterr().err
+    out = tmp_path / "o"
+    assert main(["ane", "emit", "--model", str(cfg), "--extras", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("anetrain: error: ANE program classifier: tensor ") and "65536 on m4" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()  # refused before anything was written
+
+
+def test_rank_and_matmul_limits_are_refused() -> None:
+    from anetrain.ane.limits import check_limits
+
+    with pytest.raises(
+        AneLimitError,
+        match=r"^ANE program p: tensor t \[1, 1, 1, 1, 2, 2\] has rank 6, above "
+        r"the limit of 5 on m2$",
+    ):
+        check_limits("p", "m2", "ios16", [("t", (1, 1, 1, 1, 2, 2))])
+    check_limits("p", "m2", "ios16", [("t", (1, 1, 1, 2, 2))])  # rank 5 is fine
+    with pytest.raises(
+        AneLimitError, match=r"^ANE program p: matmul y contracts over 48, not a multiple of 32"
+    ):
+        check_limits("p", "m4", "ios18", [], [("y", 48)])
+    check_limits("p", "m4", "ios18", [("w", (1, 1, 1, 65536)), ("c", (1, 65536, 1, 1))], [("y", 64)])
 
 
 def test_emit_errors_exit_2(tmp_path, capsys) -> None:

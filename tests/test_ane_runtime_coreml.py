@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anetrain.ane.coreml import CoreMLDevice, CoreMLProgram, io_names, load_package
 from anetrain.ane.machine import NeedsMacError, is_macos
 from anetrain.ane.programs import BACKWARD, EXTRAS, FORWARD, build_kernel_set
 from anetrain.ane.runtime import AneRuntimeExecutor, make_executor
+from anetrain.ane.runtime.coreml import CoreMLDevice, CoreMLProgram, io_names, load_package
 from anetrain.ane.sim import SimExecutor
 from anetrain.ane.surfaces import Staging
 from anetrain.config import make_config
@@ -35,7 +35,7 @@ def _quiet_and_fast(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_program_becomes_a_package_with_the_mil_names(tmp_path: Path) -> None:
-    ks = build_kernel_set(CFG, "m4", "separate")
+    ks = build_kernel_set(CFG, "m4", "separate", extras=True, programs="anetrain")
     device = CoreMLDevice(tmp_path / "pkgs")
     for p in ks:
         package, names = device.build(p)
@@ -58,7 +58,7 @@ def test_every_program_becomes_a_package_with_the_mil_names(tmp_path: Path) -> N
 
 
 def test_io_names_refuse_a_model_that_does_not_match(tmp_path: Path) -> None:
-    ks = build_kernel_set(CFG, "m4", "separate")
+    ks = build_kernel_set(CFG, "m4", "separate", extras=True, programs="anetrain")
     model = ct.models.MLModel(str(CoreMLDevice(tmp_path).build(ks["wo_fwd"])[0]), skip_model_load=True)
     other = dataclasses.replace(ks["wo_fwd"], inputs=ks["q_bwd"].inputs)
     with pytest.raises(
@@ -69,7 +69,7 @@ def test_io_names_refuse_a_model_that_does_not_match(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(is_macos(), reason="checks the refusal on a machine that is not a Mac")
 def test_prediction_needs_macos(tmp_path: Path) -> None:
-    ks = build_kernel_set(CFG, "m1", "separate")
+    ks = build_kernel_set(CFG, "m1", "separate", extras=True, programs="anetrain")
     device = CoreMLDevice(tmp_path)
     with pytest.raises(NeedsMacError, match=r"Core ML prediction needs macOS \(this is Linux"):
         device.load(ks["ffn_fused"])
@@ -82,7 +82,9 @@ def test_prediction_needs_macos(tmp_path: Path) -> None:
 def test_a_loaded_package_is_driven_through_predict(tmp_path: Path) -> None:
     """The handle feeds predict() by feature name and reads outputs back in program shapes (a stand-in model
     that computes with the simulator plays Core ML here)."""
-    program = build_kernel_set(CFG, "m4", "separate", seq=16)["ffn_bwd_w13t"]
+    program = build_kernel_set(CFG, "m4", "separate", seq=16, extras=True, programs="anetrain")[
+        "ffn_bwd_w13t"
+    ]
     st = Staging(program)
     rng = np.random.default_rng(0)
     for name, p in program.in_placements.items():

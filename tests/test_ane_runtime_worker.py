@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from anetrain.ane.device import AneRuntimeError, ProgramSpec
-from anetrain.ane.ipc import Channel, IoArea, IoLayout, PeerTimeout, ProtocolError
 from anetrain.ane.pipeline import AneSimPipeline
 from anetrain.ane.programs import build_kernel_set
 from anetrain.ane.runtime import make_runtime_pipeline
+from anetrain.ane.runtime.device import AneRuntimeError, ProgramSpec
+from anetrain.ane.runtime.ipc import Channel, IoArea, IoLayout, PeerTimeout, ProtocolError
+from anetrain.ane.runtime.supervisor import WorkerExecutor
 from anetrain.ane.sim import SimExecutor
-from anetrain.ane.supervisor import WorkerExecutor
 from anetrain.ane.surfaces import Staging, TensorSpec
 from anetrain.config import make_config
 from anetrain.errors import AnetrainError
@@ -92,7 +92,7 @@ def test_shared_areas_lay_tensors_out_aligned(tmp_path) -> None:  # type: ignore
 
 
 def test_the_worker_is_replaced_before_the_leak_and_results_stay_identical() -> None:
-    ks = build_kernel_set(CFG, "m4", seq=16)
+    ks = build_kernel_set(CFG, "m4", "separate", seq=16, extras=True, programs="anetrain")
     names = ["sdpa_fwd", "wo_fwd", "ffn_fused", "ffn_bwd_w2t", "q_bwd"]
     inputs = {n: staged(ks[n], i) for i, n in enumerate(names)}
     reference = {n: SimExecutor().run(ks[n], inputs[n]) for n in names}
@@ -114,7 +114,7 @@ def test_the_worker_is_replaced_before_the_leak_and_results_stay_identical() -> 
 
 def test_without_restarts_the_emulated_leak_does_fail() -> None:
     """The test above has teeth: a budget above the leak limit runs into it."""
-    ks = build_kernel_set(CFG, "m4", seq=16)
+    ks = build_kernel_set(CFG, "m4", "separate", seq=16, extras=True, programs="anetrain")
     ex = WorkerExecutor("sim", options={"leak_limit": 2}, budget=5)
     ex.run(ks["wo_fwd"], staged(ks["wo_fwd"]))
     ex.run(ks["q_bwd"], staged(ks["q_bwd"]))
@@ -144,7 +144,7 @@ def test_a_training_run_through_restarting_workers_matches_the_simulator() -> No
 
 
 def test_a_crashing_worker_is_a_clear_error_and_the_next_call_gets_a_new_one() -> None:
-    ks = build_kernel_set(CFG, "m4", seq=16)
+    ks = build_kernel_set(CFG, "m4", "separate", seq=16, extras=True, programs="anetrain")
     ex = WorkerExecutor("sim", options={"crash_on": "wo_fwd"}, eval_timeout_s=30)
     ex.run(ks["q_bwd"], staged(ks["q_bwd"]))
     first = ex.worker_pid
@@ -162,7 +162,7 @@ def test_a_crashing_worker_is_a_clear_error_and_the_next_call_gets_a_new_one() -
 
 
 def test_a_hanging_worker_times_out_and_is_stopped() -> None:
-    ks = build_kernel_set(CFG, "m4", seq=16)
+    ks = build_kernel_set(CFG, "m4", "separate", seq=16, extras=True, programs="anetrain")
     ex = WorkerExecutor("sim", options={"hang_on": "wo_fwd"}, eval_timeout_s=1.5)
     ex.run(ks["q_bwd"], staged(ks["q_bwd"]))
     proc = ex._state.proc
@@ -178,7 +178,7 @@ def test_a_hanging_worker_times_out_and_is_stopped() -> None:
 
 def test_a_worker_that_cannot_make_its_device_reports_why() -> None:
     ex = WorkerExecutor("sim", options={"speed": "ludicrous"})
-    ks = build_kernel_set(CFG, "m4", seq=16)
+    ks = build_kernel_set(CFG, "m4", "separate", seq=16, extras=True, programs="anetrain")
     with pytest.raises(AneRuntimeError, match=r"unknown simulator device options \['speed'\]"):
         ex.run(ks["q_bwd"], staged(ks["q_bwd"]))
     ex.close()
@@ -187,7 +187,7 @@ def test_a_worker_that_cannot_make_its_device_reports_why() -> None:
 def test_a_program_the_device_rejects_leaves_the_worker_serving() -> None:
     """A program the device will not compile (m4 text sent as m1) is answered with the device's error; a
     wrongly shaped input is refused before it is sent; the same worker goes on serving."""
-    ks = build_kernel_set(CFG, "m4", seq=16)
+    ks = build_kernel_set(CFG, "m4", "separate", seq=16, extras=True, programs="anetrain")
     ex = WorkerExecutor("sim")
     good = staged(ks["q_bwd"])
     ex.run(ks["q_bwd"], good)
@@ -200,3 +200,37 @@ def test_a_program_the_device_rejects_leaves_the_worker_serving() -> None:
     ex.run(ks["q_bwd"], good)
     assert ex.worker_pid == pid
     ex.close()
+
+
+def test_both_runtimes_refuse_a_program_over_the_limits_before_the_device_sees_it() -> None:
+    """The in-process runtime and the worker check a program against its chip's limits before compiling
+    (here a program whose packed input is 16,576 wide on m1, where the limit is 16,384)."""
+    from anetrain.ane.limits import AneLimitError
+    from anetrain.ane.runtime import AneRuntimeExecutor
+    from anetrain.ane.runtime.device import SimDevice
+
+    ks = build_kernel_set(CFG, "m1", seq=16)
+    program = ks["ffn_fused"]
+    wide = dataclasses.replace(program, dialect=program.dialect)
+    assert wide.graph is not None
+    x = wide.graph.inputs[0]
+    wide.graph = dataclasses.replace(
+        wide.graph, inputs=[dataclasses.replace(x, shape=(1, x.shape[1], 1, 16576))]
+    )
+    device = SimDevice()
+    ex = AneRuntimeExecutor(device)
+    with pytest.raises(
+        AneLimitError,
+        match=r"^ANE program ffn_fused: tensor x \[.*\] has width 16576, above the limit of 16384 on m1$",
+    ):
+        ex.load(wide)
+    assert device.compiles == 0
+    worker = WorkerExecutor("sim")
+    try:
+        with pytest.raises(AneLimitError, match="has width 16576"):
+            worker.load(wide)
+        assert worker.worker_pid is None and worker.stats.compiles == 0  # no worker was even started
+        worker.load(program)  # the program as built fits
+        assert worker.stats.compiles == 1
+    finally:
+        worker.close()

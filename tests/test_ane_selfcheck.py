@@ -10,11 +10,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from anetrain.ane.device import SimDevice
 from anetrain.ane.machine import is_macos
 from anetrain.ane.runtime import AneRuntimeExecutor
-from anetrain.ane.selfcheck import SELFCHECK_MODEL, TOLERANCE, check_programs, compare
+from anetrain.ane.runtime.device import SimDevice
+from anetrain.ane.selfcheck import (
+    DEFAULT_PROGRAMS,
+    SELFCHECK_MODEL,
+    TOLERANCE,
+    check_programs,
+    compare,
+    format_report,
+    selfcheck_report,
+)
 from anetrain.cli import main
+from anetrain.errors import AnetrainError
 
 
 class Perturbed(AneRuntimeExecutor):
@@ -93,3 +102,41 @@ def test_selfcheck_off_a_mac_explains_and_exits_2(capsys: pytest.CaptureFixture[
     assert "this is Linux" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["ane", "selfcheck", "--runtime", "coreml"]) == 2
     assert "needs macOS" in capsys.readouterr().err
+
+
+class RefusesInterleave(AneRuntimeExecutor):
+    """A "device" that refuses concat(interleave=true), the one op form of the default set the original never
+    ran, and gets separate-input requests wrong (what a Mac might do)."""
+
+    def __init__(self) -> None:
+        super().__init__(SimDevice())
+
+    def run(self, program: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "interleave=cil" in program.mil_text:
+            raise AnetrainError(f"compile of {program.name} failed: status 0x1d")
+        out = super().run(program, inputs)
+        if program.convention == "separate":
+            return {k: np.zeros_like(v) for k, v in out.items()}
+        return out
+
+
+def test_a_refused_program_is_tried_in_the_other_forms_and_the_report_says_which_pass() -> None:
+    rows = check_programs(RefusesInterleave(), "m4")
+    assert [r["program"] for r in rows] == list(DEFAULT_PROGRAMS)
+    by_name = {r["program"]: r for r in rows}
+    sdpa = by_name["sdpa_fwd"]
+    assert not sdpa["pass"] and "status 0x1d" in sdpa["error"] and sdpa["original_name"] == "sdpaFwd"
+    assert [(f["form"], f["pass"]) for f in sdpa["fallbacks"]] == [
+        ("anetrain/packed", True),
+        ("anetrain/separate", False),
+    ]
+    assert all(by_name[n]["pass"] and "fallbacks" not in by_name[n] for n in DEFAULT_PROGRAMS[1:])
+    rep = selfcheck_report(rows, chip="m4", runtime="private", machine={"os": "test"})
+    assert rep["result"] == "FAIL"
+    assert rep["passing_forms"]["sdpa_fwd"] == ["anetrain/packed"]
+    assert rep["passing_forms"]["wo_fwd"] == ["original/packed"]
+    text = format_report(rep)
+    assert "  sdpa_fwd      FAIL  compile of sdpa_fwd failed: status 0x1d" in text
+    assert "    as anetrain/packed    PASS" in text and "    forms that pass: anetrain/packed" in text
+    line = json.loads(text.splitlines()[-1])
+    assert line["passing_forms"] == rep["passing_forms"]

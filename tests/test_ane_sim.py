@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from anetrain.ane.dialect import dialect_for
+from anetrain.ane.limits import AneLimitError
 from anetrain.ane.mil import MilBuilder, render_text
 from anetrain.ane.milparse import MilError
 from anetrain.ane.programs import build_kernel_set
-from anetrain.ane.sim import STATUS_BAD_REQUEST, AneRuleError, AneStatusError, SimExecutor, SimProgram
+from anetrain.ane.sim import STATUS_BAD_REQUEST, AneStatusError, SimExecutor, SimProgram
 from anetrain.ane.surfaces import (
     Staging,
     Surface,
@@ -64,14 +65,16 @@ def test_a_matmul_with_a_bad_inner_dimension_raises_or_gives_zeros() -> None:
     b.output(b.matmul(x, x, transpose_y=True, name="z"))
     text = render_text(b.graph(), dialect_for("m4"))
     ones = {"x": np.ones((1, 1, 4, 8))}
-    with pytest.raises(AneRuleError, match="inner dimension 8 is not a multiple of 32"):
-        SimProgram(text, {}, "m4").run(ones)
+    with pytest.raises(
+        AneLimitError, match=r"ANE program <mil>: matmul z contracts over 8, not a multiple of 32"
+    ):
+        SimProgram(text, {}, "m4")  # refused when loaded, before it runs
     out = SimProgram(text, {}, "m4", strict_matmul=False).run(ones)
     assert out["z"].shape == (1, 1, 4, 4) and not out["z"].any()  # what the hardware silently returns
 
 
 def test_surfaces_bind_alphabetically_and_misordering_gives_wrong_data() -> None:
-    ks = build_kernel_set(CFG, "m4")
+    ks = build_kernel_set(CFG, "m4", "separate", extras=True, programs="anetrain")
     prog = ks["q_bwd"]  # inputs dq [64, 32] and wq [64, 64]: same allocation, different data
     rng = np.random.default_rng(0)
     dq, wq = rng.standard_normal((32, CFG.q_dim)), rng.standard_normal((CFG.q_dim, 64)) * 0.1
@@ -92,7 +95,7 @@ def test_surfaces_bind_alphabetically_and_misordering_gives_wrong_data() -> None
 
 
 def test_unequal_or_small_surfaces_fail_with_status_0x1d() -> None:
-    prog = build_kernel_set(CFG, "m5")["q_bwd"]
+    prog = build_kernel_set(CFG, "m5", "separate", extras=True, programs="anetrain")["q_bwd"]
     sim = SimExecutor().load(prog)
     outs = output_surfaces(prog)
     small, big = sorted(t.nbytes for t in prog.inputs)  # dq [64, 32] and wq [64, 64]: 4096 and 8192 bytes
@@ -109,20 +112,20 @@ def test_unequal_or_small_surfaces_fail_with_status_0x1d() -> None:
 
 
 def test_text_for_another_chip_does_not_compile() -> None:
-    m4 = build_kernel_set(CFG, "m4")["wo_fwd"]
+    m4 = build_kernel_set(CFG, "m4", "separate", extras=True, programs="anetrain")["wo_fwd"]
     with pytest.raises(MilError, match=r"program\(1\.3\) with func main<ios18> does not compile on m1"):
         SimProgram(m4.mil_text, m4.weights, "m1")
     hybrid = m4.mil_text.replace("program(1.3)", "program(1.0)").replace("<ios18>", "<ios16>")
     with pytest.raises(MilError, match="short scalar syntax does not compile on m2"):
         SimProgram(hybrid, m4.weights, "m2")
-    m1 = build_kernel_set(CFG, "m1")["wo_fwd"]
+    m1 = build_kernel_set(CFG, "m1", "separate", extras=True, programs="anetrain")["wo_fwd"]
     cast = m1.mil_text.replace(" = reshape(", " = cast(", 1)
     with pytest.raises(MilError, match="the m1 ANE rejects the cast op"):
         SimProgram(cast, m1.weights, "m1")
 
 
 def test_unsupported_ops_and_wrong_declarations_are_reported_by_line() -> None:
-    prog = build_kernel_set(CFG, "m4")["ffn_fused"]
+    prog = build_kernel_set(CFG, "m4", "separate", extras=True, programs="anetrain")["ffn_fused"]
     gelu = prog.mil_text.replace("sigmoid(", "gelu(")
     line = next(i for i, s in enumerate(gelu.splitlines(), 1) if "gelu(" in s)
     with pytest.raises(MilError, match=f"line {line}: unsupported op 'gelu'"):
@@ -132,13 +135,13 @@ def test_unsupported_ops_and_wrong_declarations_are_reported_by_line() -> None:
     )
     with pytest.raises(MilError, match=r"sigmoid_\d+ is declared fp16\[1, 1, 32, 96\] but sigmoid computes"):
         SimProgram(lying, prog.weights, "m4").run({t.name: np.zeros(t.shape) for t in prog.inputs})
-    sdpa = build_kernel_set(CFG, "m4")["sdpa_fwd"]
+    sdpa = build_kernel_set(CFG, "m4", "separate", extras=True, programs="anetrain")["sdpa_fwd"]
     with pytest.raises(MilError, match=r"no weight blob '@model_path/weights/rope_cos\.bin'"):
         SimProgram(sdpa.mil_text, {}, "m4")
 
 
 def test_executor_compiles_each_program_once() -> None:
-    ks = build_kernel_set(CFG, "m4")
+    ks = build_kernel_set(CFG, "m4", "separate", extras=True, programs="anetrain")
     ex = SimExecutor()
     st = Staging(ks["wo_fwd"])
     for _ in range(3):

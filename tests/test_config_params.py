@@ -21,6 +21,7 @@ def test_presets_are_named_exactly_and_have_the_published_shapes():
         "stories15M": (288, 768, 6, 6, 6, 48, 32000, 256),
         "stories42M": (512, 1376, 8, 8, 8, 64, 32000, 1024),
         "stories110M": (768, 2048, 12, 12, 12, 64, 32000, 1024),
+        "stories110M-original": (768, 2048, 12, 12, 12, 64, 32000, 256),
         "qwen3-0.6b-shaped": (1024, 3072, 28, 16, 8, 128, 151936, 256),
     }
     assert set(PRESETS) == set(want)

@@ -227,6 +227,19 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=32000,
         seq_len=1024,
     ),
+    # stories110M as the original's dynamic pipeline trains it (its Neural Engine reference configuration):
+    # sequences of 256, both residual branches scaled by 1/sqrt(2L).
+    "stories110M-original": make_config(
+        name="stories110M-original",
+        dim=768,
+        hidden_dim=2048,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=12,
+        vocab_size=32000,
+        seq_len=256,
+        residual_scale="deepnet",
+    ),
     # Shape only, as in the original: no QK-norm, interleaved RoPE with theta 1e4, eps 1e-5.
     "qwen3-0.6b-shaped": make_config(
         name="qwen3-0.6b-shaped",

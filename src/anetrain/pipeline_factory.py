@@ -31,8 +31,10 @@ class PipelineChoice:
     fusion: str = "auto"  # optimized pipeline's elementwise work: auto, compile (torch.compile), hand
     loss_chunk: int | None = None
     ane_chip: str = "auto"
-    ane_inputs: str = "separate"
+    ane_programs: str = "original"  # the original trainer's programs, or anetrain's own forms
+    ane_inputs: str = "packed"
     ane_runtime: str | None = None  # private (default on macOS), coreml, or sim
+    seq: int | None = None  # the training sequence length (the ANE builds and checks its programs for it)
 
 
 def resolve_device(backend: str) -> torch.device:
@@ -76,9 +78,11 @@ def make_pipeline(
         return AneSimPipeline(
             params,
             chip=choice.ane_chip,
+            programs=choice.ane_programs,
             inputs=choice.ane_inputs,
             compaction=compaction,
             loss_chunk=choice.loss_chunk,
+            seq=choice.seq,
         )
     if choice.backend == "ane":
         from .ane.runtime import make_runtime_pipeline
@@ -86,10 +90,12 @@ def make_pipeline(
         return make_runtime_pipeline(
             params,
             chip=choice.ane_chip,
+            programs=choice.ane_programs,
             inputs=choice.ane_inputs,
             compaction=compaction,
             loss_chunk=choice.loss_chunk,
             runtime=choice.ane_runtime,
+            seq=choice.seq,
         )
     device = resolve_device(choice.backend)
     if params.flat.device != device:

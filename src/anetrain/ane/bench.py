@@ -2,7 +2,7 @@
 
 :func:`run_ane_bench` trains ``warmup + steps`` micro-steps of ``batch x seq`` random tokens (an AdamW
 update every ``accum``) through :func:`.runtime.make_runtime_pipeline` and reports, per micro-step as the
-original does (seed-system.md 10.2-10.3):
+original does (docs/ane.md, appendix A.5):
 
 * ``ms_per_step``: median time of a timed micro-step, the optimizer excluded (the original's "Avg train");
   ``ms_per_step_with_optimizer`` adds the update's time spread over ``accum`` steps;
@@ -64,6 +64,7 @@ def run_ane_bench(
     seed: int = 1337,
     lr: float = 3e-4,
     isolate: bool | None = None,
+    programs: str = "original",
 ) -> dict[str, Any]:
     """Time the ANE pipeline; returns the Efficiency Report fields (see the module docstring)."""
     for name, value in (("batch", batch), ("seq", seq), ("accum", accum), ("steps", steps)):
@@ -73,7 +74,13 @@ def run_ane_bench(
     info = resolve_runtime_chip(chip, runtime)
     warm = max(1, accum) if warmup is None else warmup
     pipe = make_runtime_pipeline(
-        init_params(cfg, "llama2c", seed), chip=info.chip, inputs=inputs, runtime=runtime, isolate=isolate
+        init_params(cfg, "llama2c", seed),
+        chip=info.chip,
+        programs=programs,
+        inputs=inputs,
+        runtime=runtime,
+        isolate=isolate,
+        seq=seq,
     )
     ex = pipe.executor
     opt = AdamW(pipe.params, OptimizerConfig.for_kind("adamw", lr=lr, warmup=0, total_steps=10**9, clip=1.0))
@@ -81,7 +88,8 @@ def run_ane_bench(
     windows = [torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g) for _ in range(warm + steps)]
     log(
         f"ANE bench: {cfg.name} ({cfg.shape_line()}), batch {batch} x {seq}, accum {accum}, {info.chip}, "
-        f"{inputs} inputs, runtime {runtime} ({warm} warm-up + {steps} timed micro-steps)"
+        f"{programs} programs, {inputs} inputs, runtime {runtime} "
+        f"({warm} warm-up + {steps} timed micro-steps)"
     )
     micro_ms: list[float] = []
     opt_ms: list[float] = []
@@ -126,6 +134,7 @@ def run_ane_bench(
         "isolated": type(ex).__name__ == "WorkerExecutor",
         "chip": info.chip,
         "chip_brand": info.brand,
+        "programs": programs,
         "inputs": inputs,
         "model": cfg.to_dict(),
         "batch": batch,

@@ -1,6 +1,6 @@
 """Weight blobs: the 128-byte-header fp16 file format the ANE compiler reads constants from.
 
-Layout (seed-system.md 2.4)::
+Layout (docs/ane.md, appendix A.3)::
 
     byte 0        0x01
     byte 4        0x02

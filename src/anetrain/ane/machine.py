@@ -6,7 +6,7 @@ The MIL dialect depends on the chip family (:mod:`.dialect`), so the runtime nee
 a future chip) is an error that tells the user to pass the family with ``--ane-chip``.
 
 Peak throughput for the utilization figure is **published**, not measured: Apple's rated numbers and the
-original trainer's assumptions (seed-system.md 12.2, 10.3). ``anetrain ane peak`` measures the real one.
+original trainer's assumptions (docs/ane.md, appendix A.5-A.6). ``anetrain ane peak`` measures the real one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AnetrainError
+from ..errors import AnetrainError, ConfigError
 from .dialect import CHIPS
 
 
@@ -39,7 +39,7 @@ class ChipInfo:
         return bool(self.brand and "ultra" in self.brand.lower())
 
 
-# Published FP16 peaks in TFLOPS (seed-system.md 12.2 and 10.3). None of them was measured by anetrain.
+# Published FP16 peaks in TFLOPS (docs/ane.md, appendix A.5-A.6). None of them was measured by anetrain.
 PUBLISHED_PEAK_TFLOPS: dict[str, tuple[float, str]] = {
     "m1": (11.0, "Apple's rated 11 TOPS for the M1 Neural Engine"),
     "m2": (15.8, "Apple's rated 15.8 TOPS for the M2 Neural Engine"),
@@ -142,9 +142,30 @@ def resolve_chip(chip: str) -> ChipInfo:
     if chip.lower() == "auto":
         return detect_chip()
     if chip.lower() not in CHIPS:
-        raise AnetrainError(f"unknown chip {chip!r} (known: auto, {', '.join(CHIPS)})")
+        raise ConfigError(f"unknown chip {chip!r} (known: auto, {', '.join(CHIPS)})")
     brand = read_brand()
     return ChipInfo(chip.lower(), brand)
+
+
+DEFAULT_SIM_CHIP = "m4"  # the dialect the simulator uses for --ane-chip auto off a Mac (M3-M5: program(1.3))
+
+
+def resolve_sim_chip(chip: str) -> tuple[str, str]:
+    """(chip, how it was chosen) for programs that run in the simulator.
+
+    ``auto`` means this Mac's chip on Apple silicon and :data:`DEFAULT_SIM_CHIP` anywhere else (the
+    simulator has no chip of its own); a family name is taken as given.
+    """
+    if chip.lower() != "auto":
+        return resolve_chip(chip).chip, "given"
+    if is_apple_silicon():
+        try:
+            return detect_chip().chip, "auto: detected on this Mac"
+        except AnetrainError:
+            pass
+    return DEFAULT_SIM_CHIP, (
+        f"auto: not an Apple silicon Mac, so {DEFAULT_SIM_CHIP}'s dialect, the M3-M5 one: program(1.3)/ios18"
+    )
 
 
 def machine_info() -> dict[str, Any]:

@@ -9,8 +9,14 @@ builder infers every result's type and shape as it goes and records a :class:`Gr
   checks every op name, parameter, dtype and shape, and ``ct.convert`` can turn it into an ML program.
 
 Conventions of the text (those of the original trainer's generators): every non-tensor parameter is a named
-``const`` (deduplicated by value), every op carries ``[name = string("<its result>")]``, large fp16 constants
-live in weight blobs referenced by ``BLOBFILE(path = "@model_path/weights/<name>.bin", offset = 64)``.
+``const``, every op carries ``[name = string("<label>")]`` (its result's name unless a node gives another
+label), large fp16 constants live in weight blobs referenced by
+``BLOBFILE(path = "@model_path/weights/<name>.bin", offset = 64)``.
+
+Two text styles (:data:`STYLES`) render the same graph: ``anetrain`` (``name = string("x")``, spaces after
+commas; the builder's programs) and ``original`` (``name=string("x")``, no spaces inside shapes and argument
+lists, parameters in the original generator's order: the text the original trainer hands the compiler, see
+:mod:`.original`). Only the layout differs, never the program.
 
 Only the ops the kernels need exist here: reshape, transpose, matmul, slice_by_size, concat, add, sub, mul,
 pow, softmax, reduce_sum, sigmoid. ``cast`` is deliberately absent (M1/M2 reject it; all I/O is fp16).
@@ -64,20 +70,27 @@ class Var:
 
 @dataclass(frozen=True)
 class Const:
-    """``const()``: a literal (python scalar or numpy array) or, with ``blob``, a tensor in a weight blob."""
+    """``const()``: a literal (python scalar or numpy array) or, with ``blob``, a tensor in a weight blob.
+
+    ``label`` is the ``name`` attribute when it differs from the result's name; ``text`` spells a scalar
+    literal exactly (the original writes ``fp16(0.125000)`` with C's ``%f`` and ``fp16(-1)`` by hand).
+    """
 
     out: Var
     value: Any
     blob: str | None = None
+    label: str | None = None
+    text: str | None = None
 
 
 @dataclass(frozen=True)
 class Op:
-    """One operation; ``args`` keeps the parameter order of the text."""
+    """One operation; ``args`` keeps the parameter order of the text; ``label`` as for :class:`Const`."""
 
     op: str
     out: Var
     args: tuple[tuple[str, Var | tuple[Var, ...]], ...]
+    label: str | None = None
 
 
 Node = Const | Op
@@ -333,10 +346,37 @@ def format_fp16(value: float) -> str:
     return np.format_float_positional(np.float16(value), unique=True, trim="0")
 
 
-def _type(v: Var, d: Dialect) -> str:
+@dataclass(frozen=True)
+class TextStyle:
+    """How a graph is laid out as text (never what it computes)."""
+
+    name: str
+    sep: str  # between list items and arguments: ", " or ","
+    eq: str  # between a parameter and its value: " = " or "="
+    param_order: dict[str, tuple[str, ...]] = field(default_factory=dict)  # op -> its parameters' order
+
+    def ordered(self, node: Op) -> list[tuple[str, Var | tuple[Var, ...]]]:
+        order = self.param_order.get(node.op)
+        if order is None:
+            return list(node.args)
+        rank = {k: i for i, k in enumerate(order)}
+        return sorted(node.args, key=lambda kv: rank.get(kv[0], len(rank)))
+
+
+ANETRAIN_STYLE = TextStyle("anetrain", ", ", " = ")
+ORIGINAL_STYLE = TextStyle(
+    "original",
+    ",",
+    "=",
+    {"slice_by_size": ("x", "begin", "size"), "reduce_sum": ("x", "axes", "keep_dims")},
+)
+STYLES = {s.name: s for s in (ANETRAIN_STYLE, ORIGINAL_STYLE)}
+
+
+def _type(v: Var, d: Dialect, sep: str = ", ") -> str:
     if not v.shape:
         return f"tensor<{v.dtype}, []>" if d.verbose_scalars else v.dtype
-    return f"tensor<{v.dtype}, [{', '.join(str(s) for s in v.shape)}]>"
+    return f"tensor<{v.dtype}, [{sep.join(str(s) for s in v.shape)}]>"
 
 
 def _scalar_text(value: Any, dtype: str) -> str:
@@ -351,45 +391,48 @@ def _scalar_text(value: Any, dtype: str) -> str:
     raise MilBuildError(f"no literal syntax for dtype {dtype}")
 
 
-def _scalar_literal(value: Any, dtype: str, d: Dialect) -> str:
-    body = _scalar_text(value, dtype)
+def _scalar_literal(value: Any, dtype: str, d: Dialect, text: str | None = None) -> str:
+    body = _scalar_text(value, dtype) if text is None else text
     return f"tensor<{dtype}, []>({body})" if d.verbose_scalars else f"{dtype}({body})"
 
 
-def _const_literal(c: Const, d: Dialect) -> str:
-    v = c.out
+def _const_literal(c: Const, d: Dialect, style: TextStyle = ANETRAIN_STYLE) -> str:
+    v, sep, eq = c.out, style.sep, style.eq
     if c.blob is not None:
         return (
-            f"{_type(v, d)}(BLOBFILE(path = {_scalar_literal(c.blob, 'string', d)}, "
-            f"offset = {_scalar_literal(64, 'uint64', d)}))"
+            f"{_type(v, d, sep)}(BLOBFILE(path{eq}{_scalar_literal(c.blob, 'string', d)}, "
+            f"offset{eq}{_scalar_literal(64, 'uint64', d)}))"
         )
     if not v.shape:
-        return _scalar_literal(c.value, v.dtype, d)
-    items = ", ".join(_scalar_text(x, v.dtype) for x in np.asarray(c.value).reshape(-1).tolist())
-    return f"{_type(v, d)}([{items}])"
+        return _scalar_literal(c.value, v.dtype, d, c.text)
+    items = sep.join(_scalar_text(x, v.dtype) for x in np.asarray(c.value).reshape(-1).tolist())
+    return f"{_type(v, d, sep)}([{items}])"
 
 
-def render_text(graph: Graph, d: Dialect) -> str:
-    """The program as MIL text in dialect ``d``."""
+def render_text(graph: Graph, d: Dialect, style: TextStyle = ANETRAIN_STYLE) -> str:
+    """The program as MIL text in dialect ``d``, laid out in ``style``.
+
+    The function's parameters are always written ``tensor<fp16, [1, C, 1, W]>`` (both styles do).
+    """
+    sep, eq = style.sep, style.eq
     name_lit = lambda n: _scalar_literal(n, "string", d)  # noqa: E731
     lines = [f"program({d.program_version})", BUILD_INFO_16 if d.verbose_scalars else BUILD_INFO_18, "{"]
     params = ", ".join(f"{_type(v, d)} {v.name}" for v in graph.inputs)
     lines.append(f"    func main<{d.opset}>({params}) {{")
     for node in graph.nodes:
         out = node.out
+        label = name_lit(node.label or out.name)
         if isinstance(node, Const):
             lines.append(
-                f"        {_type(out, d)} {out.name} = const()[name = {name_lit(out.name)}, "
-                f"val = {_const_literal(node, d)}];"
+                f"        {_type(out, d, sep)} {out.name} = const()[name{eq}{label}, "
+                f"val{eq}{_const_literal(node, d, style)}];"
             )
         else:
-            args = ", ".join(
-                f"{k} = ({', '.join(x.name for x in v)})" if isinstance(v, tuple) else f"{k} = {v.name}"
-                for k, v in node.args
+            args = sep.join(
+                f"{k}{eq}({sep.join(x.name for x in v)})" if isinstance(v, tuple) else f"{k}{eq}{v.name}"
+                for k, v in style.ordered(node)
             )
-            lines.append(
-                f"        {_type(out, d)} {out.name} = {node.op}({args})[name = {name_lit(out.name)}];"
-            )
+            lines.append(f"        {_type(out, d, sep)} {out.name} = {node.op}({args})[name{eq}{label}];")
     lines.append(f"    }} -> ({', '.join(v.name for v in graph.outputs)});")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """The peak-throughput probe: chains of 1x1 convolutions with constant weights, timed on the Neural Engine.
 
-It reproduces the original's two probes (seed-system.md 12.2, 12.3):
+It reproduces the original's two probes (docs/ane.md, appendix A.6):
 
 ``inmem_peak``
     input ``[1, C, 1, S]`` fp16, ``depth`` 1x1 convs ``[C, C, 1, 1]``; configs (C, S, depth) =
@@ -359,7 +359,7 @@ def run_probe(
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Compile, time and release one probe; a program the device refuses is reported, not raised."""
-    from .device import AneRuntimeError
+    from .runtime.device import AneRuntimeError
 
     row: dict[str, Any] = {
         "config": config.label,

@@ -29,15 +29,12 @@ import numpy as np
 
 from .blob import build_blob
 from .dialect import Dialect
+from .limits import check_graph
 from .mil import Graph, MilBuilder, Var, render_text
 from .shapes import Axis, Dims
 from .surfaces import Placement, SurfaceSizes, TensorSpec, binding_order
 
-CONVENTIONS = ("separate", "packed")
-# Per-axis caps of ANE tensors (ane-landscape.md 2.2): width 16384 before A16 (so M1/M2), 65536 from A16 on;
-# channels 65536.
-MAX_WIDTH = {"ios16": 16384, "ios18": 65536}
-MAX_CHANNELS = 65536
+CONVENTIONS = ("packed", "separate")  # the first is the default
 MASK_VALUE = -1.0e4  # finite: adding it to any score never overflows fp16, and exp() of it is 0
 
 
@@ -83,7 +80,9 @@ class AneProgram(SurfaceSizes):
 
     ``inputs``/``outputs`` are the MIL function's tensors in binding (alphabetical) order; ``weights`` maps
     each BLOBFILE path to its blob bytes; the placements say where each logical operand lives; ``padding``
-    records every padded dimension as ``{name: [real, padded]}``.
+    records every padded dimension as ``{name: [real, padded]}``. ``program_set`` says whose program this
+    is (``original``: the original trainer's text, :mod:`.original`; ``anetrain``: this project's forms,
+    never run on hardware); ``stem`` is its file name (the original's kernel name for its programs).
     """
 
     name: str
@@ -99,6 +98,11 @@ class AneProgram(SurfaceSizes):
     padding: dict[str, list[int]]
     meta: dict[str, Any] = field(default_factory=dict)
     graph: Graph | None = field(default=None, repr=False)
+    program_set: str = "anetrain"
+    stem: str = ""
+
+    def __post_init__(self) -> None:
+        self.stem = self.stem or self.name
 
     @property
     def chip(self) -> str:
@@ -108,12 +112,16 @@ class AneProgram(SurfaceSizes):
         """A JSON-ready description (what emit writes into manifest.json)."""
         return {
             "name": self.name,
+            "original_name": self.stem if self.program_set == "original" else None,
             "doc": self.doc,
+            "program_set": self.program_set,
             "chip": self.chip,
             "program_version": self.dialect.program_version,
             "opset": self.dialect.opset,
             "convention": self.convention,
-            "mil": f"{self.name}.mil",
+            "input_surfaces": len(self.inputs),
+            "output_surfaces": len(self.outputs),
+            "mil": f"{self.stem}.mil",
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "input_binding_order": [t.name for t in binding_order(self.inputs)],
@@ -265,8 +273,7 @@ def build_program(kdef: KernelDef, dims: Dims, dialect: Dialect, convention: str
         b.output(b.concat(parts, axis=1, name="out"))
 
     graph = b.graph()
-    specs = [TensorSpec(v.name, v.shape) for v in graph.inputs + graph.outputs]
-    warnings = _limit_warnings(specs, dialect)
+    check_graph(graph, kdef.name, dialect.chip, dialect.opset)
     return AneProgram(
         name=kdef.name,
         doc=kdef.doc,
@@ -279,22 +286,9 @@ def build_program(kdef: KernelDef, dims: Dims, dialect: Dialect, convention: str
         in_placements=in_place,
         out_placements=out_place,
         padding=dims.padding(),
-        meta={"seq": dims.seq, "seq_padded": dims.S.np, "model": dims.cfg.shape_line(), "warnings": warnings},
+        meta={"seq": dims.seq, "seq_padded": dims.S.np, "model": dims.cfg.shape_line()},
         graph=graph,
     )
-
-
-def _limit_warnings(specs: list[TensorSpec], dialect: Dialect) -> list[str]:
-    """Known hardware caps a tensor exceeds (the program would not compile; e.g. a 151936-entry
-    vocabulary must be split into chunks)."""
-    out = []
-    for t in specs:
-        c, w = t.matrix
-        if w > MAX_WIDTH[dialect.opset]:
-            out.append(f"{t.name}: width {w} exceeds the {dialect.chip} cap of {MAX_WIDTH[dialect.opset]}")
-        if c > MAX_CHANNELS:
-            out.append(f"{t.name}: {c} channels exceed the cap of {MAX_CHANNELS}")
-    return out
 
 
 def _check_size(v: Var, shape: tuple[int, ...], kernel: str, name: str) -> None:

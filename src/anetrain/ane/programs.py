@@ -1,8 +1,22 @@
-"""The dynamic-weight kernel set of a model: every program the ANE runs, defined once.
+"""The dynamic-weight kernel set of a model: every program the ANE runs.
 
-As in the original's dynamic pipeline (seed-system.md 5), weights are program inputs, so each kernel is
+Two program sets (:data:`PROGRAM_SETS`) implement the same ten kernels:
+
+``original`` (the default)
+    the original trainer's programs, as its generator writes them (:mod:`.original`): byte for byte its text
+    for its configuration, one packed input and one output each, the RoPE and GQA bookkeeping of the
+    backward on the CPU; corrected only where the original is wrong (GQA head mapping).
+``anetrain``
+    this project's own forms, defined below with :class:`~.program.KernelDef`: RoPE as a matmul by a
+    constant signed permutation, GQA expansion and reduction as constant matmuls, the inverse RoPE inside
+    ``sdpa_bwd2``; with ``packed`` inputs (one surface, as the original) or ``separate`` ones (one surface per
+    operand). **Never run on hardware**; kept for comparison and as fallbacks ``anetrain ane selfcheck``
+    tries when a Mac refuses an original program.
+
+As in the original's dynamic pipeline (docs/original.md), weights are program inputs, so each kernel is
 compiled once and shared by all layers; RMSNorm, the SiLU backward, the classifier and loss, the embedding
-and every dW GEMM stay on the CPU. Per layer (``x`` the residual stream; activations channel-first)::
+and every dW GEMM stay on the CPU. Per layer, the ``anetrain`` set (``x`` the residual stream; activations
+channel-first)::
 
     forward   sdpa_fwd      xn -> q,k,v = Wq xn, Wk xn, Wv xn; RoPE(q, k); causal GQA attention
                             -> attn, q_rope, k_rope, v
@@ -40,10 +54,13 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .dialect import Dialect, dialect_for
+from .limits import check_graph
 from .mil import Var
+from .original import OriginalProgram, original_programs
 from .program import CONVENTIONS, MASK_VALUE, AneProgram, KernelContext, KernelDef, OperandSpec, build_program
 from .shapes import Dims
 
+PROGRAM_SETS = ("original", "anetrain")  # the first is the default
 FORWARD = ("sdpa_fwd", "wo_fwd", "ffn_fused")
 BACKWARD = ("ffn_bwd_w2t", "ffn_bwd_w13t", "wot_bwd", "sdpa_bwd1", "sdpa_bwd2", "q_bwd", "kv_bwd")
 EXTRAS = ("rmsnorm", "classifier", "softmax", "rmsnorm_bwd")
@@ -345,13 +362,20 @@ def kernel_defs(dims: Dims) -> dict[str, KernelDef]:
 
 @dataclass
 class KernelSet:
-    """The programs of one model, chip, input convention and sequence length."""
+    """The programs of one model, chip, program set, input convention and sequence length."""
 
     cfg: ModelConfig
     dialect: Dialect
     convention: str
     dims: Dims
     programs: dict[str, AneProgram] = field(default_factory=dict)
+    program_set: str = "original"
+
+    @property
+    def host_attention(self) -> bool:
+        """True when the host does the original's attention bookkeeping around ``sdpa_bwd1``/``sdpa_bwd2``:
+        K, V tiled to the query heads before, dK, dV summed over each group and the inverse RoPE after."""
+        return self.program_set == "original"
 
     def __getitem__(self, name: str) -> AneProgram:
         return self.programs[name]
@@ -363,27 +387,69 @@ class KernelSet:
         return len(self.programs)
 
 
+def _from_original(p: OriginalProgram, dims: Dims, dialect: Dialect) -> AneProgram:
+    check_graph(p.graph, p.name, dialect.chip, dialect.opset)
+    x, out = p.tensors()
+    return AneProgram(
+        name=p.name,
+        doc=p.doc,
+        dialect=dialect,
+        convention="packed",
+        mil_text=p.text(dialect),
+        weights=p.blobs(),
+        inputs=[x],
+        outputs=[out],
+        in_placements=p.in_placements,
+        out_placements=p.out_placements,
+        padding=dims.padding(),
+        meta={"seq": dims.seq, "seq_padded": dims.S.np, "model": dims.cfg.shape_line()},
+        graph=p.graph,
+        program_set="original",
+        stem=p.original_name,
+    )
+
+
+def check_program_choice(programs: str, inputs: str) -> None:
+    """Refuse an unknown program set or input convention, or the original's programs with separate inputs."""
+    if programs not in PROGRAM_SETS:
+        raise ConfigError(f"unknown ANE program set {programs!r} (known: {', '.join(PROGRAM_SETS)})")
+    if inputs not in CONVENTIONS:
+        raise ConfigError(f"unknown input convention {inputs!r} (known: {', '.join(CONVENTIONS)})")
+    if programs == "original" and inputs != "packed":
+        raise ConfigError(
+            "the original's ANE programs take one packed input; --ane-inputs separate needs "
+            "--ane-programs anetrain (never run on hardware)"
+        )
+
+
 def build_kernel_set(
     cfg: ModelConfig,
     chip: str = "m4",
-    inputs: str = "separate",
+    inputs: str = "packed",
     seq: int | None = None,
-    extras: bool = True,
+    extras: bool = False,
+    programs: str = "original",
 ) -> KernelSet:
-    """Every program for ``cfg`` on ``chip`` with the given input convention (``separate``/``packed``).
+    """Every program for ``cfg`` on ``chip``: the ten of ``programs`` (``original`` or ``anetrain``) with the
+    given input convention (``packed``, or ``separate`` for the anetrain set).
 
-    ``seq`` defaults to the model's seq_len; ``extras`` adds the final RMSNorm, classifier, softmax and
-    RMSNorm backward programs.
+    ``seq`` defaults to the model's seq_len; ``extras`` adds anetrain's final RMSNorm, classifier, softmax
+    and RMSNorm backward programs (the original has none). Raises :class:`~.limits.AneLimitError` when a
+    program exceeds the chip's limits.
     """
     dialect = dialect_for(chip)
     if seq is not None and seq < 1:
         raise ConfigError(f"sequence length must be at least 1, got {seq}")
-    if inputs not in CONVENTIONS:
-        raise ConfigError(f"unknown input convention {inputs!r} (known: {', '.join(CONVENTIONS)})")
+    check_program_choice(programs, inputs)
     dims = Dims.build(cfg, seq)
-    names = FORWARD + BACKWARD + (EXTRAS if extras else ())
     defs = kernel_defs(dims)
-    progs = {n: build_program(defs[n], dims, dialect, inputs) for n in names}
+    progs: dict[str, AneProgram] = {}
+    if programs == "original":
+        progs = {n: _from_original(p, dims, dialect) for n, p in original_programs(dims).items()}
+    else:
+        progs = {n: build_program(defs[n], dims, dialect, inputs) for n in FORWARD + BACKWARD}
+    if extras:
+        progs.update({n: build_program(defs[n], dims, dialect, inputs) for n in EXTRAS})
     for p in progs.values():
         p.meta["residual_scale"] = cfg.residual_scale
-    return KernelSet(cfg, dialect, inputs, dims, progs)
+    return KernelSet(cfg, dialect, inputs, dims, progs, programs)

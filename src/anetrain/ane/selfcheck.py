@@ -1,12 +1,17 @@
-"""``anetrain ane selfcheck``: compile a kernel on this Mac's Neural Engine and compare it with the simulator.
+"""``anetrain ane selfcheck``: run the kernels on this Mac's Neural Engine, compare them with the simulator.
 
 It builds the kernel programs of a small model (:data:`SELFCHECK_MODEL`: GQA, head_dim 32, hidden 344
-padded to 352, seq 64) for the chosen chip, runs each requested program (default: the fused FFN forward) on
-random inputs on the device and in the simulator (:mod:`.sim`), and reports per output the largest absolute
-difference and that difference relative to the largest simulated magnitude. A program passes when every
-output is finite and within :data:`TOLERANCE` (fp16 values; the ANE's accumulation order and width differ
-from the simulator's fp32, so a few fp16 ulps of the output range are expected, garbage is not). The report
-ends with one JSON line to paste into a bug report.
+padded to 352, seq 64) for the chosen chip, runs each requested program (default: all ten of the default
+set, the original trainer's programs) on random inputs on the device and in the simulator (:mod:`.sim`),
+and reports per output the largest absolute difference and that difference relative to the largest
+simulated magnitude. A program passes when every output is finite and within :data:`TOLERANCE` (fp16
+values; the ANE's accumulation order and width differ from the simulator's fp32, so a few fp16 ulps of the
+output range are expected, garbage is not).
+
+When a program of the default set is refused or wrong, the same kernel is tried in the other forms
+(:data:`FORMS`: anetrain's programs with packed, then separate inputs) and the report says which pass, so
+one report from a Mac tells which form of each kernel this machine accepts. The report ends with one JSON
+line to paste into a bug report (``programs[i].fallbacks`` and ``passing_forms`` hold the same).
 """
 
 from __future__ import annotations
@@ -18,15 +23,21 @@ import numpy as np
 
 from ..config import make_config
 from ..errors import AnetrainError
-from .programs import build_kernel_set
+from .programs import BACKWARD, EXTRAS, FORWARD, KernelSet, build_kernel_set
 from .sim import SimExecutor
 from .surfaces import Staging
 
 SELFCHECK_MODEL = make_config(
     name="selfcheck", dim=128, hidden_dim=344, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256, seq_len=64
 )
-DEFAULT_PROGRAMS = ("ffn_fused",)
+DEFAULT_PROGRAMS = FORWARD + BACKWARD
+ALL_PROGRAMS = FORWARD + BACKWARD + EXTRAS
+FORMS = (("original", "packed"), ("anetrain", "packed"), ("anetrain", "separate"))  # (program set, inputs)
 TOLERANCE = 1e-2  # max |device - simulator| / max |simulator|, per output
+
+
+def form_name(programs: str, inputs: str) -> str:
+    return f"{programs}/{inputs}"
 
 
 def random_operands(program: Any, rng: np.random.Generator) -> Staging:
@@ -59,43 +70,71 @@ def compare(device: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> 
     return out
 
 
+def check_one(
+    executor: Any, ks: KernelSet, name: str, rng: np.random.Generator, tolerance: float = TOLERANCE
+) -> dict[str, Any]:
+    """Run program ``name`` of ``ks`` on ``executor`` and in the simulator; one result row."""
+    program = ks[name]
+    st = random_operands(program, rng)
+    reference = SimExecutor().run(program, st.arrays)
+    row: dict[str, Any] = {"program": name, "form": form_name(ks.program_set, ks.convention)}
+    if program.program_set == "original":
+        row["original_name"] = program.stem
+    try:
+        got = executor.run(program, st.arrays)
+    except AnetrainError as e:
+        return {**row, "pass": False, "error": str(e)}
+    outputs = compare(got, reference)
+    ok = all(o["finite"] and o["max_rel"] <= tolerance for o in outputs.values())
+    return {
+        **row,
+        "pass": ok,
+        "max_abs": max(o["max_abs"] for o in outputs.values()),
+        "max_rel": max(o["max_rel"] for o in outputs.values()),
+        "outputs": outputs,
+    }
+
+
 def check_programs(
     executor: Any,
     chip: str,
     programs: tuple[str, ...] | list[str] = DEFAULT_PROGRAMS,
     *,
-    inputs: str = "separate",
+    program_set: str = "original",
+    inputs: str = "packed",
+    fallbacks: bool = True,
     seed: int = 0,
     tolerance: float = TOLERANCE,
 ) -> list[dict[str, Any]]:
-    """Run each named program on ``executor`` and in the simulator; one result row per program."""
-    ks = build_kernel_set(SELFCHECK_MODEL, chip, inputs, extras=True)
-    unknown = [n for n in programs if n not in ks.programs]
+    """Run each named program in the given form on ``executor`` and in the simulator, one row per program;
+    with ``fallbacks``, a program that fails is tried in every other form of :data:`FORMS` too (its row's
+    ``fallbacks``). Programs the set lacks (anetrain's extras) come from anetrain's set in that form."""
+    sets: dict[tuple[str, str], KernelSet] = {}
+
+    def kernel_set(form: tuple[str, str]) -> KernelSet:
+        if form not in sets:
+            sets[form] = build_kernel_set(SELFCHECK_MODEL, chip, form[1], extras=True, programs=form[0])
+        return sets[form]
+
+    first = kernel_set((program_set, inputs))
+    unknown = [n for n in programs if n not in first.programs]
     if unknown:
-        raise AnetrainError(f"unknown program(s) {', '.join(unknown)} (known: {', '.join(ks.programs)})")
-    sim = SimExecutor()
+        raise AnetrainError(f"unknown program(s) {', '.join(unknown)} (known: {', '.join(first.programs)})")
     rng = np.random.default_rng(seed)
     rows = []
     for name in programs:
-        program = ks[name]
-        st = random_operands(program, rng)
-        reference = sim.run(program, st.arrays)
-        try:
-            got = executor.run(program, st.arrays)
-        except AnetrainError as e:
-            rows.append({"program": name, "pass": False, "error": str(e)})
-            continue
-        outputs = compare(got, reference)
-        ok = all(o["finite"] and o["max_rel"] <= tolerance for o in outputs.values())
-        rows.append(
-            {
-                "program": name,
-                "pass": ok,
-                "max_abs": max(o["max_abs"] for o in outputs.values()),
-                "max_rel": max(o["max_rel"] for o in outputs.values()),
-                "outputs": outputs,
-            }
-        )
+        row = check_one(executor, first, name, rng, tolerance)
+        if fallbacks and not row["pass"]:
+            tried = {row["form"]}
+            row["fallbacks"] = []
+            for form in FORMS:
+                ks = kernel_set(form)
+                if form_name(*form) in tried or ks[name].program_set != form[0]:
+                    continue  # the same program, or an extra that only one set has
+                tried.add(form_name(*form))
+                alt = check_one(executor, ks, name, rng, tolerance)
+                row["fallbacks"].append({k: v for k, v in alt.items() if k not in ("outputs", "program")})
+        rows.append(row)
     return rows
 
 
@@ -117,11 +156,22 @@ def selfcheck_report(
         "tolerance": tolerance,
         "machine": machine,
         "programs": [{k: v for k, v in r.items() if k != "outputs"} for r in rows],
+        # per program, every form that passed (the default's first): what a Mac accepts
+        "passing_forms": {
+            r["program"]: [f["form"] for f in [r, *r.get("fallbacks", [])] if f["pass"]] for r in rows
+        },
     }
     if executor_stats is not None:
         rep["compile_ms"] = 1e3 * executor_stats.compile_s
         rep["eval_ms"] = 1e3 * executor_stats.eval_s / max(1, executor_stats.evals)
     return rep
+
+
+def _verdict(r: dict[str, Any]) -> str:
+    if r.get("error"):
+        return f"FAIL  {r['error']}"
+    verdict = "PASS" if r["pass"] else "FAIL"
+    return f"{verdict}  max abs error {r['max_abs']:.3e}, max rel error {r['max_rel']:.3e}"
 
 
 def format_report(rep: dict[str, Any]) -> str:
@@ -130,16 +180,17 @@ def format_report(rep: dict[str, Any]) -> str:
     lines = [
         f"machine: {cpu}{m.get('os')}; Python {m.get('python')}; anetrain {m.get('anetrain')}",
         f"programs for {rep['chip']} ({rep['model']}), runtime {rep['runtime']}, "
-        f"tolerance {rep['tolerance']:g} of each output's range",
+        f"tolerance {rep['tolerance']:g} of each output's range; form {rep['programs'][0]['form']}"
+        if rep["programs"]
+        else f"programs for {rep['chip']} ({rep['model']}), runtime {rep['runtime']}",
     ]
     for r in rep["programs"]:
-        if r.get("error"):
-            lines.append(f"  {r['program']:<13} FAIL  {r['error']}")
-        else:
-            lines.append(
-                f"  {r['program']:<13} {'PASS' if r['pass'] else 'FAIL'}  max abs error {r['max_abs']:.3e}, "
-                f"max rel error {r['max_rel']:.3e}"
-            )
+        lines.append(f"  {r['program']:<13} {_verdict(r)}")
+        for f in r.get("fallbacks", []):
+            lines.append(f"    as {f['form']:<18} {_verdict(f)}")
+        if "fallbacks" in r:
+            ok = [f["form"] for f in r["fallbacks"] if f["pass"]]
+            lines.append(f"    forms that pass: {', '.join(ok) if ok else 'none'}")
     if "compile_ms" in rep:
         lines.append(
             f"compile {rep['compile_ms']:.0f} ms, evaluation {rep['eval_ms']:.2f} ms per program run"

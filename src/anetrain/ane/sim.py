@@ -37,6 +37,7 @@ import numpy as np
 from ..errors import AnetrainError
 from .blob import read_blob
 from .dialect import Dialect, dialect_for
+from .limits import check_limits
 from .mil import MATMUL_MULTIPLE
 from .milparse import BlobRef, Literal, MilError, MilType, ParsedProgram, Statement, parse_mil
 from .surfaces import Surface, binding_order, input_surfaces, output_surfaces, read_outputs
@@ -133,9 +134,17 @@ def _slice_by_size(x: np.ndarray, begin: Any, size: Any) -> np.ndarray:
 
 
 def _concat(values: tuple[np.ndarray, ...], axis: Any, interleave: Any = False) -> np.ndarray:
-    if bool(interleave):
-        raise ValueError("concat with interleave = true is not supported")
-    return np.concatenate(values, axis=int(axis))
+    """Concatenate along ``axis``; with ``interleave`` the inputs (all the same shape) alternate slice by
+    slice: a0[0], b0[0], a0[1], b0[1], ... (MIL's concat(interleave=true))."""
+    ax = int(axis) % values[0].ndim
+    if not bool(interleave):
+        return np.concatenate(values, axis=ax)
+    if any(v.shape != values[0].shape for v in values):
+        raise ValueError("concat with interleave = true needs inputs of one shape")
+    stacked = np.stack(values, axis=ax + 1)  # [..., n_ax, len(values), ...]
+    shape = list(values[0].shape)
+    shape[ax] *= len(values)
+    return stacked.reshape(shape)
 
 
 def _softmax(x: np.ndarray, axis: Any) -> np.ndarray:
@@ -239,6 +248,22 @@ class SimProgram:
                 raise MilError(
                     f"{source}: input/output {t.name} must be an fp16 tensor (ANE surfaces are fp16)"
                 )
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        """Refuse a program over the chip's limits before it runs (:mod:`.limits`); with ``strict_matmul``
+        off, a matmul whose contraction is not a multiple of 32 is let through (it returns zeros)."""
+        tensors = [(t.name, t.shape) for t in self.inputs]
+        matmuls = []
+        for st in self.parsed.statements:
+            if st.op == "const":
+                continue
+            tensors.append((st.name, st.type.dims))
+            if st.op == "matmul" and self.strict_matmul:
+                x = self.types[str(st.args["x"])].dims
+                tx = "transpose_x" in st.args and bool(self.consts[str(st.args["transpose_x"])])
+                matmuls.append((st.name, x[-2] if tx else x[-1]))
+        check_limits(self.source, self.dialect.chip, self.dialect.opset, tensors, matmuls)
 
     # ---- loading -------------------------------------------------------------------------------
     def _check_dialect(self) -> None:

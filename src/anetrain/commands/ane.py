@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -20,53 +19,66 @@ ORDER = 70
 
 def _emit(args: argparse.Namespace) -> int:
     from ..ane.emit import emit_kernel_set
+    from ..ane.machine import resolve_sim_chip
     from ..ane.programs import build_kernel_set
     from ..config import resolve_config
 
     cfg = resolve_config(args.model)
-    ks = build_kernel_set(cfg, args.chip, args.inputs, seq=args.seq, extras=not args.no_extras)
+    chip, how = resolve_sim_chip(args.chip)
+    ks = build_kernel_set(cfg, chip, args.inputs, seq=args.seq, extras=args.extras, programs=args.programs)
     files = emit_kernel_set(ks, args.out)
     pad = ", ".join(f"{k} {a}->{b}" for k, (a, b) in ks.dims.padding().items()) or "none"
     d = ks.dialect
     print(
         f"wrote {len(ks)} programs for {cfg.name} ({cfg.shape_line()}) to {args.out}: "
-        f"{d.chip}, program({d.program_version})/{d.opset}, {ks.convention} inputs, "
-        f"seq {ks.dims.seq}; padding: {pad}; {len(files)} files"
+        f"{ks.program_set} programs, {d.chip} ({how}), program({d.program_version})/{d.opset}, "
+        f"{ks.convention} inputs, seq {ks.dims.seq}; padding: {pad}; {len(files)} files"
     )
     for p in ks:
         print(
-            f"  {p.name:<13} in {len(p.inputs)} x {p.input_alloc_bytes:>9,} B   "
+            f"  {p.stem:<13} in {len(p.inputs)} x {p.input_alloc_bytes:>9,} B   "
             f"out {len(p.outputs)} x {p.output_alloc_bytes:>9,} B   {p.doc}"
         )
-        for w in p.meta["warnings"]:
-            print(f"warning: {p.name}: {w}", file=sys.stderr)
     return 0
 
 
 def register_emit(sub: Any) -> None:
     from ..ane.dialect import CHIPS
     from ..ane.program import CONVENTIONS
+    from ..ane.programs import PROGRAM_SETS
     from ..cli import HelpFormatter
 
     p = sub.add_parser(
         "emit",
         help="write a model's ANE kernel programs (MIL text, weight blobs, manifest.json)",
-        description="Generate the dynamic-weight kernel set of a model (forward, dx and the optional extras) "
-        "for one chip and write it to a directory: one .mil file per program, its weight blobs under "
-        "<program>/weights/, and manifest.json with every program's inputs, outputs, binding order, "
-        "surface allocation sizes and padding. A macOS runtime compiles exactly these files.",
+        description="Generate the ten dynamic-weight kernel programs of a model (forward and dx; the "
+        "original trainer's programs by default, byte for byte its text for its configuration: "
+        "--model stories110M-original) for one chip and write them to a directory: one .mil file per "
+        "program, the weight blobs under weights/, sizes.txt with each program's surface sizes, and "
+        "manifest.json with every program's inputs, outputs, binding order, surface allocation sizes, "
+        "operand placements and padding. A macOS runtime compiles exactly these files.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="a preset name or a .toml/.json model config file")
     p.add_argument(
-        "--chip", default="m4", choices=CHIPS, help="Apple silicon family (selects the MIL dialect)"
+        "--chip",
+        default="auto",
+        choices=("auto", *CHIPS),
+        help="Apple silicon family (selects the MIL dialect); auto: this Mac's, m4 on any other machine",
+    )
+    p.add_argument(
+        "--programs",
+        default=PROGRAM_SETS[0],
+        choices=PROGRAM_SETS,
+        help="original: the original trainer's programs (one packed input each); anetrain: this project's "
+        "own forms (never run on hardware)",
     )
     p.add_argument(
         "--inputs",
-        default="separate",
+        default=CONVENTIONS[0],
         choices=CONVENTIONS,
-        help="separate: weights as separate inputs (uniform surfaces, alphabetical binding); "
-        "packed: one input surface holding activations and weights, as the original",
+        help="packed: one input surface holding activations and weights, as the original; separate: one "
+        "surface per operand (--programs anetrain only; never run on hardware)",
     )
     p.add_argument(
         "--seq",
@@ -75,9 +87,16 @@ def register_emit(sub: Any) -> None:
         help="sequence length the programs are built for; none: the model's seq_len",
     )
     p.add_argument(
-        "--no-extras",
+        "--extras",
         action="store_true",
-        help="omit the final RMSNorm, classifier, softmax and RMSNorm-backward programs",
+        help="add anetrain's final RMSNorm, classifier, softmax and RMSNorm-backward programs (the original "
+        "has none; never run on hardware)",
+    )
+    p.add_argument(
+        "--no-extras",
+        action="store_false",
+        dest="extras",
+        help="no extras (the default; kept for old scripts)",
     )
     p.add_argument("--out", required=True, help="directory to write (created if needed)")
     p.set_defaults(func=_emit)
@@ -90,7 +109,13 @@ def register_emit(sub: Any) -> None:
 def _selfcheck(args: argparse.Namespace) -> int:
     from ..ane.machine import machine_info, require_apple_silicon, require_macos
     from ..ane.runtime import make_executor, resolve_runtime_chip
-    from ..ane.selfcheck import DEFAULT_PROGRAMS, check_programs, format_report, selfcheck_report
+    from ..ane.selfcheck import (
+        ALL_PROGRAMS,
+        DEFAULT_PROGRAMS,
+        check_programs,
+        format_report,
+        selfcheck_report,
+    )
     from ..fsutil import atomic_write_text
 
     what = "anetrain ane selfcheck (it runs a program on the Neural Engine)"
@@ -101,14 +126,18 @@ def _selfcheck(args: argparse.Namespace) -> int:
     info = resolve_runtime_chip(args.chip, args.runtime)
     programs = [p.strip() for p in args.program.split(",") if p.strip()] if args.program else []
     if programs == ["all"]:
-        from ..ane.programs import BACKWARD, EXTRAS, FORWARD
-
-        programs = list(FORWARD + BACKWARD + EXTRAS)
+        programs = list(ALL_PROGRAMS)
     # the private runtime in a worker process: a crash inside the framework becomes a line in the report
     executor = make_executor(args.runtime, isolate=args.runtime == "private")
     try:
         rows = check_programs(
-            executor, info.chip, programs or list(DEFAULT_PROGRAMS), inputs=args.inputs, seed=args.seed
+            executor,
+            info.chip,
+            programs or list(DEFAULT_PROGRAMS),
+            program_set=args.programs,
+            inputs=args.inputs,
+            fallbacks=not args.no_fallbacks,
+            seed=args.seed,
         )
         stats = executor.stats
     finally:
@@ -129,17 +158,21 @@ def _selfcheck(args: argparse.Namespace) -> int:
 def register_selfcheck(sub: Any) -> None:
     from ..ane.dialect import CHIPS
     from ..ane.program import CONVENTIONS
+    from ..ane.programs import PROGRAM_SETS
     from ..ane.runtime import RUNTIMES
     from ..cli import HelpFormatter
 
     p = sub.add_parser(
         "selfcheck",
-        help="run a kernel on this Mac's Neural Engine and compare it with the simulator",
-        description="Compile one kernel program of a small model (by default the fused FFN forward) on "
-        "this Mac's Neural Engine, run it on random inputs, and compare every output with the simulator: "
-        "prints the largest absolute and relative error, PASS or FAIL, the machine (macOS version, chip), "
-        "and one JSON line to paste into a bug report. Exit status 0 on PASS, 1 on FAIL, 2 when this "
-        "machine cannot run it (it needs macOS on Apple silicon).",
+        help="run the kernels on this Mac's Neural Engine and compare them with the simulator",
+        description="Compile the kernel programs of a small GQA model (by default all ten of the default "
+        "set: the original trainer's programs) on this Mac's Neural Engine, run each on random inputs, and "
+        "compare every output with the simulator. A program that is refused or wrong is tried again in the "
+        "other forms (anetrain's programs with packed, then separate inputs) and the report says which "
+        "pass. Prints the largest absolute and relative error, PASS or FAIL, the machine (macOS version, "
+        "chip), and one JSON line to paste into a bug report. Exit status 0 when every program of the "
+        "default form passes, 1 otherwise, 2 when this machine cannot run it (it needs macOS on Apple "
+        "silicon).",
         formatter_class=HelpFormatter,
     )
     p.add_argument(
@@ -158,10 +191,23 @@ def register_selfcheck(sub: Any) -> None:
     p.add_argument(
         "--program",
         default=None,
-        help="comma-separated kernel programs to check, or 'all'; none: ffn_fused",
+        help="comma-separated kernel programs to check (anetrain's names: sdpa_fwd, ffn_fused, ...), or "
+        "'all' (adds anetrain's four extras); none: the ten forward and dx programs",
     )
     p.add_argument(
-        "--inputs", default="separate", choices=CONVENTIONS, help="input convention of the programs"
+        "--programs",
+        default=PROGRAM_SETS[0],
+        choices=PROGRAM_SETS,
+        help="the form checked first: the original trainer's programs or anetrain's own",
+    )
+    p.add_argument(
+        "--inputs",
+        default=CONVENTIONS[0],
+        choices=CONVENTIONS,
+        help="input convention of the form checked first (separate: --programs anetrain only)",
+    )
+    p.add_argument(
+        "--no-fallbacks", action="store_true", help="do not try the other forms of a program that fails"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON")
@@ -183,9 +229,9 @@ def _depths(text: str) -> list[int]:
 
 
 def _peak(args: argparse.Namespace) -> int:
-    from ..ane.budget import compile_budget
     from ..ane.machine import is_apple_silicon, published_peak, require_apple_silicon, resolve_chip
     from ..ane.peak import build_probe, custom_configs, default_configs, emit_probe, run_probe
+    from ..ane.runtime.budget import compile_budget
     from ..errors import ConfigError
     from ..fsutil import atomic_write_text
 

@@ -60,12 +60,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="device to run on; ane runs anetrain's Neural Engine pipeline alone (macOS) and prints the "
         "original's Efficiency Report; ane-sim does the same through the simulator (slow)",
     )
-    p.add_argument("--ane-chip", default="auto", help="chip family for the ANE programs (auto, m1..m5)")
+    p.add_argument(
+        "--ane-chip",
+        default="auto",
+        choices=("auto", "m1", "m2", "m3", "m4", "m5"),
+        help="chip family for the ANE programs (auto: this Mac's; m4 for ane-sim elsewhere)",
+    )
+    p.add_argument(
+        "--ane-programs",
+        default="original",
+        choices=("original", "anetrain"),
+        help="the original trainer's programs, or anetrain's own forms (never run on hardware)",
+    )
     p.add_argument(
         "--ane-inputs",
-        default="separate",
-        choices=("separate", "packed"),
-        help="how ANE programs take their weights",
+        default="packed",
+        choices=("packed", "separate"),
+        help="how ANE programs take their operands (separate: --ane-programs anetrain only)",
     )
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the reference model")
     p.add_argument(
@@ -133,19 +144,19 @@ def _ane_bench(args: argparse.Namespace, cfg: object, warmup: int) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    chip = "m4" if args.backend == "ane-sim" and args.ane_chip == "auto" else args.ane_chip
     rep = run_ane_bench(
         cfg,
         args.batch,
         args.seq,
         args.accum,
         args.steps,
-        chip,
+        args.ane_chip,
         args.ane_inputs,
         log,  # type: ignore[arg-type]
         executor="sim" if args.backend == "ane-sim" else "private",
         warmup=warmup,
         seed=args.seed,
+        programs=args.ane_programs,
     )
     print(format_ane_report(rep))
     if args.json:

@@ -66,7 +66,10 @@ def build_report(
         "utilization": tflops / peak_job if peak_job > 0 else 0.0,
         "io_ms_per_step": phase_ms.get("io", 0.0) / steps,
         "optimizer_ms_per_step": opt_ms,
-        "phases_ms_per_step": {p: phase_ms.get(p, 0.0) / steps for p in PHASES},
+        "phases_ms_per_step": {
+            p: phase_ms.get(p, 0.0) / steps
+            for p in (*PHASES, *sorted(k for k in phase_ms if k not in PHASES))
+        },
         "best_val_loss": best_val_loss,
         "final_loss": final_loss,
         "world_size": world_size,
@@ -84,6 +87,7 @@ def format_report(rep: dict[str, Any]) -> str:
     """The report as text, one field per line, in the original's order."""
     wall = rep["wall_s"] or 1e-9
     phases = ", ".join(f"{k} {v:.1f}" for k, v in rep["phases_ms_per_step"].items())
+    ane = rep["phases_ms_per_step"].get("ane")
     lines = [
         "=== Efficiency Report ===",
         f"Total steps:     {rep['total_steps']}  ({rep['tokens']:,} tokens, world size {rep['world_size']})",
@@ -101,6 +105,7 @@ def format_report(rep: dict[str, Any]) -> str:
             if rep["peak_tflops"]
             else "Utilization:     n/a (no peak known for this backend; pass --peak-tflops)"
         ),
+        *([f"ANE:             {ane:.2f} ms/step in the Neural Engine programs"] if ane else []),
         f"IO:              {rep['io_ms_per_step']:.2f} ms/step",
         f"Optimizer:       {rep['optimizer_ms_per_step']:.2f} ms/step",
         f"Phases (ms/step): {phases}",

@@ -132,8 +132,8 @@ class TrainOptions:
     )
     ane_chip: str = opt(
         "auto",
-        "Apple chip family whose MIL dialect the ANE programs use: auto (detected on a Mac; m4 for ane-sim), "
-        "m1, m2, m3, m4, m5",
+        "Apple chip family whose MIL dialect the ANE programs use: auto (this Mac's chip; m4, the M3-M5 "
+        "dialect, for ane-sim on any other machine), m1, m2, m3, m4, m5",
         choices=("auto", "m1", "m2", "m3", "m4", "m5"),
     )
     ane_runtime: str | None = opt(
@@ -142,11 +142,18 @@ class TrainOptions:
         "default), coreml (Core ML with CPU_AND_NE, the sanctioned route) or sim (the simulator, tests)",
         choices=("private", "coreml", "sim"),
     )
+    ane_programs: str = opt(
+        "original",
+        "which ANE programs: original (the original trainer's ten programs, byte for byte its text, "
+        "one packed input each; the GQA head mapping corrected) or anetrain (this project's own forms; "
+        "never run on hardware)",
+        choices=("original", "anetrain"),
+    )
     ane_inputs: str = opt(
-        "separate",
-        "how ANE programs take their weights: separate inputs (faster per the "
-        "original's issue #22) or one packed input (the original's)",
-        choices=("separate", "packed"),
+        "packed",
+        "how ANE programs take their operands: packed (one input surface, as the original) or separate "
+        "(one surface per operand; --ane-programs anetrain only; never run on hardware)",
+        choices=("packed", "separate"),
     )
     threads: int | None = opt(None, "torch intra-op threads (default: torch's choice)")
     peak_tflops: float | None = opt(
@@ -249,6 +256,7 @@ RESUME_OVERRIDABLE = {
     "dw_device",
     "fusion",
     "ane_chip",
+    "ane_programs",
     "ane_inputs",
     "ddp",
     "nproc_per_node",

@@ -115,8 +115,10 @@ def build_parts(opts: TrainOptions, start: Start, world: World, log: Any) -> Par
         dw_device=opts.dw_device,
         fusion=opts.fusion,
         ane_chip=opts.ane_chip,
+        ane_programs=opts.ane_programs,
         ane_inputs=opts.ane_inputs,
         ane_runtime=opts.ane_runtime,
+        seq=opts.seq,
     )
     pipe = make_pipeline(start.params, choice, compaction)
     device = pipe.params.flat.device

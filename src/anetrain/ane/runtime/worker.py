@@ -1,4 +1,4 @@
-"""The ANE worker process: ``python -m anetrain.ane.worker READ_FD WRITE_FD``, driven by :mod:`.supervisor`.
+"""The ANE worker process: ``python -m anetrain.ane.runtime.worker READ_FD WRITE_FD`` (:mod:`.supervisor`).
 
 It owns one device and answers framed messages (:mod:`.ipc`) on the two pipe descriptors it inherits:
 
@@ -23,10 +23,10 @@ import time
 import traceback
 from typing import Any
 
-from ..errors import AnetrainError
+from ...errors import AnetrainError
+from ..surfaces import TensorSpec
 from .device import ProgramSpec
 from .ipc import Channel, IoArea, IoLayout, ProtocolError
-from .surfaces import TensorSpec
 
 SIM_OPTIONS = ("leak_limit", "crash_on", "hang_on", "strict_matmul")
 
@@ -147,7 +147,10 @@ class Worker:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m anetrain.ane.worker READ_FD WRITE_FD (started by anetrain)", file=sys.stderr)
+        print(
+            "usage: python -m anetrain.ane.runtime.worker READ_FD WRITE_FD (started by anetrain)",
+            file=sys.stderr,
+        )
         return 2
     channel = Channel(int(args[0]), int(args[1]))
     try:

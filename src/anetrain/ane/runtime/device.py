@@ -30,11 +30,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import AnetrainError
-from .dialect import Dialect, dialect_for
+from ...errors import AnetrainError
+from ..dialect import Dialect, dialect_for
+from ..sim import SimProgram
+from ..surfaces import SurfaceSizes, TensorSpec, binding_order, read_outputs
 from .iosurface import HostSurface, fill_inputs
-from .sim import SimProgram
-from .surfaces import SurfaceSizes, TensorSpec, binding_order, read_outputs
 
 
 class AneRuntimeError(AnetrainError):

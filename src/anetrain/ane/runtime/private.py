@@ -1,6 +1,6 @@
 """The Neural Engine through AppleNeuralEngine.framework's private in-memory model classes (macOS only).
 
-The sequence, per program (seed-system.md 2.1; the original's ``ane_runtime.h`` and ``bridge/ane_bridge.m``):
+The sequence, per program (docs/ane.md, appendix A.1; the original's ane_runtime.h and ane_bridge.m):
 
 1. ``+[_ANEInMemoryModelDescriptor modelWithMILText:weights:optionsPlist:]`` with the MIL text as NSData and
    the weights as ``{"@model_path/weights/<name>.bin": {"offset": 0, "data": NSData}}`` (``@{}`` when the
@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import AnetrainError
+from ...errors import AnetrainError
+from ..mil import BLOB_PREFIX
 from .device import AneRuntimeError, SurfaceProgram
 from .iosurface import IOSurfaceApi
-from .mil import BLOB_PREFIX
 from .objc import ObjCRuntime, runtime
 
 ANE_FRAMEWORK = "/System/Library/PrivateFrameworks/AppleNeuralEngine.framework/AppleNeuralEngine"
@@ -69,7 +69,7 @@ def process_compiles() -> int:
 
 def _dialect_hint(chip: str) -> str:
     """A hint when the programs' dialect is not this Mac's chip (the usual cause of a rejected program)."""
-    from .machine import chip_from_brand, read_brand
+    from ..machine import chip_from_brand, read_brand
 
     brand = read_brand()
     try:

@@ -1,8 +1,8 @@
 """ANE work in a worker process that is replaced before the compile leak bites: :class:`WorkerExecutor`.
 
 The executor offers the simulator's seam, ``run(program, inputs) -> outputs``, and does the work in a child
-process (``python -m anetrain.ane.worker``, :mod:`.worker`) that owns the device. It counts the worker's
-compiles (the worker reports them); when one more compile would exceed the budget
+process (``python -m anetrain.ane.runtime.worker``, :mod:`.worker`) that owns the device. It counts the
+worker's compiles (the worker reports them); when one more compile would exceed the budget
 (:mod:`.budget`, default 100, below the ~119 where ``_ANEInMemoryModel`` fails) it asks the worker to quit,
 starts a fresh one, and recompiles programs as they are used again. The user's process is never
 ``exec()``-ed and its state never leaves memory.
@@ -31,7 +31,8 @@ import numpy as np
 
 import anetrain
 
-from ..errors import AnetrainError
+from ...errors import AnetrainError
+from ..limits import check_program
 from .budget import compile_budget, needs_fresh_process
 from .device import AneRuntimeError, ExecutorStats, ProgramSpec
 from .ipc import Channel, IoArea, IoLayout, PeerTimeout
@@ -133,6 +134,10 @@ class WorkerExecutor:
         self._workers_started = 0
 
     # ---- the seam --------------------------------------------------------------------------------
+    def load(self, program: Any) -> None:
+        """Compile ``program`` in the worker now (a training run's warm-up does this for every program)."""
+        self._ensure_loaded(self._register(program))
+
     def run(self, program: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         reg = self._register(program)
         self._ensure_loaded(reg)
@@ -165,6 +170,7 @@ class WorkerExecutor:
     def _register(self, program: Any) -> _Registered:
         reg = self._programs.get(id(program))
         if reg is None:
+            check_program(program)  # over the chip's limits: refused before the worker sees it
             spec = ProgramSpec.of(program)
             pid = len(self._programs)
             layout = IoLayout.of(spec.inputs, spec.outputs)
@@ -217,7 +223,7 @@ class WorkerExecutor:
         try:
             with open(st.log_path, "ab") as log:
                 st.proc = subprocess.Popen(
-                    [self.python, "-m", "anetrain.ane.worker", str(to_child_r), str(from_child_w)],
+                    [self.python, "-m", "anetrain.ane.runtime.worker", str(to_child_r), str(from_child_w)],
                     pass_fds=(to_child_r, from_child_w),
                     stdin=subprocess.DEVNULL,
                     stdout=log,

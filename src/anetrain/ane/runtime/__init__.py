@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from ..data.compaction import VocabCompaction
-from ..errors import AnetrainError, ConfigError
-from ..params import ModelParams
+from ...data.compaction import VocabCompaction
+from ...errors import AnetrainError, ConfigError
+from ...params import ModelParams
+from ..limits import check_program
+from ..machine import ChipInfo, require_apple_silicon, resolve_chip, resolve_sim_chip
+from ..pipeline import AneSimPipeline
 from .budget import compile_budget, needs_fresh_process
 from .device import Device, ExecutorStats, LoadedProgram
-from .machine import ChipInfo, require_apple_silicon, resolve_chip
-from .pipeline import AneSimPipeline
 
 RUNTIMES = ("private", "coreml", "sim")
 ENV_RUNTIME = "ANETRAIN_ANE_RUNTIME"
@@ -50,6 +51,7 @@ class AneRuntimeExecutor:
         """The loaded form of ``program``, compiling it on first use."""
         key = id(program)
         if key not in self._loaded:
+            check_program(program)  # over the chip's limits: refused before the device sees it
             if needs_fresh_process(self.device.compiles, self.budget):
                 raise AnetrainError(
                     f"the compile budget of {self.budget} programs per process is used up (compiling "
@@ -138,9 +140,10 @@ def make_executor(
 
 def resolve_runtime_chip(chip: str, runtime: str) -> ChipInfo:
     """The chip whose dialect the programs use. On the hardware ``auto`` means this Mac's chip; the
-    simulator has none, so ``auto`` means m4 there."""
+    simulator has none, so ``auto`` means this Mac's chip on a Mac and m4 elsewhere
+    (:func:`~.machine.resolve_sim_chip`)."""
     if runtime == "sim":
-        return ChipInfo("m4" if chip.lower() == "auto" else resolve_chip(chip).chip)
+        return ChipInfo(resolve_sim_chip(chip)[0])
     require_apple_silicon("the Neural Engine runtime (--backend ane)")
     return resolve_chip(chip)
 
@@ -156,13 +159,15 @@ def make_runtime_pipeline(
     params: ModelParams,
     *,
     chip: str = "auto",
-    inputs: str = "separate",
+    programs: str = "original",
+    inputs: str = "packed",
     compaction: VocabCompaction | None = None,
     loss_chunk: int | None = None,
     runtime: str | None = None,
     isolate: bool | None = None,
     budget: int | None = None,
     executor: Any = None,
+    seq: int | None = None,
 ) -> AneRuntimePipeline:
     """The ANE pipeline on this Mac's Neural Engine (what ``--backend ane`` builds).
 
@@ -179,10 +184,13 @@ def make_runtime_pipeline(
         return AneRuntimePipeline(
             params,
             chip=info.chip,
+            programs=programs,
             inputs=inputs,
             executor=executor,
             compaction=compaction,
             loss_chunk=loss_chunk,
+            seq=seq,
+            chip_note=f"auto: {info.brand or 'detected'}" if chip.lower() == "auto" else "given",
         )
     except BaseException:
         close = getattr(executor, "close", None)

@@ -1,7 +1,7 @@
 """The compile budget: how many programs one process may compile before ``_ANEInMemoryModel`` breaks.
 
 The original trainer counts successful compile+load pairs per process; past about 119 (119-132 reported on
-M4, seed-system.md 2.5) compiles fail, because ``compileWithQoS:`` leaks (maderix/ANE #54). The original
+M4, docs/ane.md appendix A.4) compiles fail, because ``compileWithQoS:`` leaks (maderix/ANE #54). The original
 ``exec()``-restarts itself from a checkpoint before its limit of 100. anetrain never restarts the user's
 process: ANE work runs in a worker process (:mod:`.supervisor`) that is replaced, and its programs
 recompiled, when its budget is used up. With the dynamic kernel set (weights are inputs, each program
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 DEFAULT_COMPILE_BUDGET = 100
 ENV_BUDGET = "ANETRAIN_ANE_COMPILE_BUDGET"

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from ctypes import POINTER, c_bool, c_char_p, c_longlong, c_size_t, c_ssize_t, c_uint32, c_void_p
 from typing import Any
 
-from ..errors import AnetrainError
+from ...errors import AnetrainError
 
 LIBOBJC = "/usr/lib/libobjc.A.dylib"
 FOUNDATION = "/System/Library/Frameworks/Foundation.framework/Foundation"
@@ -51,7 +51,7 @@ SIGNATURES: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "arrayWithObjects:count:": (ID, (POINTER(ID), NSUInteger)),
     "dictionaryWithObjects:forKeys:count:": (ID, (POINTER(ID), POINTER(ID), NSUInteger)),
     "code": (NSInteger, ()),
-    # AppleNeuralEngine.framework (private; seed-system.md 2.1)
+    # AppleNeuralEngine.framework (private; docs/ane.md appendix A.1)
     "modelWithMILText:weights:optionsPlist:": (ID, (ID, ID, ID)),
     "inMemoryModelWithDescriptor:": (ID, (ID,)),
     "hexStringIdentifier": (ID, ()),
@@ -208,7 +208,7 @@ class ObjCRuntime:
 @functools.cache
 def runtime() -> ObjCRuntime:
     """The process's Objective-C runtime bridge (loaded once); macOS on Apple silicon only."""
-    from .machine import require_apple_silicon
+    from ..machine import require_apple_silicon
 
     require_apple_silicon("the Objective-C bridge to the Neural Engine")
     return ObjCRuntime()

@@ -1,7 +1,7 @@
 """Surfaces the runtime fills and reads: IOSurfaces on a Mac, plain host memory for tests and the simulator.
 
 An ANE request reads its inputs from and writes its outputs to IOSurfaces. Each one is a flat byte buffer
-(seed-system.md 2.3): width = bytes, height 1, one byte per element, pixel format 0, created with
+(docs/ane.md, appendix A.2): width = bytes, height 1, one byte per element, pixel format 0, created with
 ``IOSurfaceCreate`` from a properties dictionary (:func:`surface_properties`). The CPU touches it only
 between ``IOSurfaceLock`` and ``IOSurfaceUnlock``, at ``IOSurfaceGetBaseAddress``.
 
@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AnetrainError
+from ...errors import AnetrainError
+from ..surfaces import binding_order
 from .objc import ObjCRuntime, load_library
-from .surfaces import binding_order
 
 IOSURFACE_FRAMEWORK = "/System/Library/Frameworks/IOSurface.framework/IOSurface"
 COREFOUNDATION = "/System/Library/Frameworks/CoreFoundation.framework/CoreFoundation"

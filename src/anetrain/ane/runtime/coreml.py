@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AnetrainError
+from ...errors import AnetrainError
+from ..machine import NeedsMacError, describe_platform, is_macos
+from ..mil import to_coreml
 from .device import AneRuntimeError
-from .machine import NeedsMacError, describe_platform, is_macos
-from .mil import to_coreml
 
 COMPUTE_UNITS = ("CPU_AND_NE", "ALL", "CPU_ONLY", "CPU_AND_GPU")
 

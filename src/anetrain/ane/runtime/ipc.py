@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AnetrainError
+from ...errors import AnetrainError
 
 HEADER = struct.Struct("<II")
 MAX_JSON = 64 << 20
