@@ -87,8 +87,9 @@ class TorchDecoder:
         positions: Sequence[int],
         logit_rows: Sequence[int] = (),
     ) -> np.ndarray:
-        """Feed rows (token, stream, position) in order; logits [len(logit_rows), V] of the rows asked for."""
-        return self.forward_tensor(tokens, streams, positions, logit_rows).float().cpu().numpy()
+        """Feed rows (token, stream, position) in order; logits [len(logit_rows), V] of the rows asked for
+        (float32; float64 for fp64 weights)."""
+        return self.forward_tensor(tokens, streams, positions, logit_rows).cpu().numpy()
 
     @torch.inference_mode()
     def forward_tensor(

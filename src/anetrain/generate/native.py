@@ -158,7 +158,10 @@ class _Model(ctypes.Structure):
         ("emb", _Mat),
         *((n, ctypes.POINTER(_Mat)) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")),
         ("cls", _Mat),
-        *((n, _PTR) for n in ("key_cache", "value_cache", "x", "xb", "q", "hb", "att", "aq", "as_", "ab")),
+        *(
+            (n, _PTR)
+            for n in ("key_cache", "value_cache", "x", "q", "ob", "hb", "att", "xn", "ab", "aq", "as_")
+        ),
         ("sort", _PTR),
     ]
 
@@ -187,6 +190,9 @@ def load_library(variant: str = "native") -> ctypes.CDLL:
     lib.anet_copy_stream.restype = None
     lib.anet_sample_logits.argtypes = [ctypes.c_int, ctypes.c_int, f32p, *sampling, i32p]
     lib.anet_sample_logits.restype = None
+    int_ = ctypes.c_int
+    lib.anet_linear.argtypes = [mp, ctypes.POINTER(_Mat), int_, int_, int_, f32p, f32p]
+    lib.anet_linear.restype = None
     del p
     return lib
 
@@ -267,15 +273,17 @@ class NativeDecoder:
 
         self.key_cache = keep(torch.zeros(L, n_streams, C, cfg.kv_dim, dtype=f32))
         self.value_cache = keep(torch.zeros(L, n_streams, C, cfg.kv_dim, dtype=f32))
-        ws = {
+        T = self.threads
+        ws = {  # shared by the threads, then each thread's own
             "x": torch.zeros(R, cfg.dim, dtype=f32),
-            "xb": torch.zeros(R, width, dtype=f32),
             "q": torch.zeros(R, cfg.q_dim, dtype=f32),
+            "ob": torch.zeros(R, cfg.q_dim, dtype=f32),
             "hb": torch.zeros(R, cfg.hidden_dim, dtype=f32),
-            "att": torch.zeros(self.threads, C, dtype=f32),
-            "aq": torch.zeros(R, width, dtype=torch.int8),
-            "as_": torch.zeros(R, width // gs, dtype=f32),
-            "ab": torch.zeros(R, width, dtype=torch.int16),
+            "att": torch.zeros(T, C, dtype=f32),
+            "xn": torch.zeros(T, R, width, dtype=f32),
+            "ab": torch.zeros(T, R, width, dtype=torch.int16),
+            "aq": torch.zeros(T, R, width, dtype=torch.int8),
+            "as_": torch.zeros(T, R, width // gs, dtype=f32),
             "sort": torch.zeros(R, cfg.vocab_size, 2, dtype=torch.int32),
         }
 
@@ -322,6 +330,9 @@ class NativeDecoder:
         self._rows = np.zeros((3, R), dtype=np.int32)  # tokens, streams, positions of one call
         self._logit_rows = np.zeros(R, dtype=np.int32)
         self._logits = np.zeros((R, cfg.vocab_size), dtype=np.float32)
+        # their addresses, taken once (numpy's .ctypes.data costs a microsecond per use)
+        self._p_tokens, self._p_streams, self._p_pos = (self._rows[i].ctypes.data for i in range(3))
+        self._p_logit_rows, self._p_logits = self._logit_rows.ctypes.data, self._logits.ctypes.data
 
     # ---- the decoder interface (shared with TorchDecoder) ----------------------------------------------
 
@@ -350,11 +361,11 @@ class NativeDecoder:
             self.lib.anet_forward(
                 self._mp,
                 r,
-                self._rows[0].ctypes.data,
-                self._rows[1].ctypes.data,
-                self._rows[2].ctypes.data,
+                self._p_tokens,
+                self._p_streams,
+                self._p_pos,
                 k,
-                self._logit_rows.ctypes.data,
+                self._p_logit_rows,
                 buf.ctypes.data,
             )
             if k:
@@ -372,12 +383,16 @@ class NativeDecoder:
     ) -> list[int]:
         """One token per row of ``logits`` [R, V], row r with stream streams[r]'s generator in ``states``."""
         r = len(streams)
+        if states.dtype != np.uint64 or len(states) < self.n_streams or not states.flags.c_contiguous:
+            raise ValueError("states must be a contiguous uint64 array with one state per stream")
+        if r > self.max_rows or logits.shape != (r, self.cfg.vocab_size):
+            raise ValueError(f"logits must be [rows <= {self.max_rows}, {self.cfg.vocab_size}]")
         x = np.ascontiguousarray(logits, dtype=np.float32).copy()
         self._rows[1, :r] = streams
         out = np.zeros(r, dtype=np.int32)
         self.lib.anet_sample_rows(
-            self._mp, r, x.ctypes.data, self._rows[1].ctypes.data, temperature, top_p, top_k,
-            states.ctypes.data, out.ctypes.data,
+            self._mp, r, x.ctypes.data, self._p_streams, temperature, top_p, top_k, states.ctypes.data,
+            out.ctypes.data,
         )  # fmt: skip
         return out.tolist()
 
@@ -399,15 +414,31 @@ class NativeDecoder:
         self._rows[0, :r] = tokens
         self._rows[1, :r] = streams
         self._rows[2, :r] = positions
+        if states.dtype != np.uint64 or len(states) < self.n_streams or not states.flags.c_contiguous:
+            raise ValueError("states must be a contiguous uint64 array with one state per stream")
         self.lib.anet_decode(
-            self._mp, r, self._rows[0].ctypes.data, self._rows[1].ctypes.data, self._rows[2].ctypes.data,
-            self._logits.ctypes.data, temperature, top_p, top_k, states.ctypes.data,
-            self._logit_rows.ctypes.data,
+            self._mp, r, self._p_tokens, self._p_streams, self._p_pos, self._p_logits, temperature, top_p,
+            top_k, states.ctypes.data, self._p_logit_rows,
         )  # fmt: skip
         return self._rows[0, :r].tolist()
 
     def copy_stream(self, src: int, dst: int, n_pos: int) -> None:
         self.lib.anet_copy_stream(self._mp, src, dst, n_pos)
+
+    def linear(self, m: Matrix, x: np.ndarray) -> np.ndarray:
+        """x [R, in] times ``m`` [out, in]^T with this decoder's kernels, the inputs prepared as in a forward
+        pass (for checking the kernels). R <= max_rows, in <= the model's widest matrix input."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        r, n = x.shape
+        d, n_w = m.w.shape
+        if n != n_w or r > self.max_rows or n > max(self.cfg.dim, self.cfg.q_dim, self.cfg.hidden_dim):
+            raise ValueError(f"cannot multiply [{r}, {n}] by [{d}, {n_w}]^T here")
+        w = m.w.contiguous().view(torch.int16) if m.w.dtype == torch.bfloat16 else m.w.contiguous()
+        s = m.s.contiguous() if m.s is not None else None
+        mat = _Mat(_ptr(w), _ptr(s))
+        out = np.zeros((r, d), dtype=np.float32)
+        self.lib.anet_linear(self._mp, ctypes.byref(mat), d, n, r, x.ctypes.data, out.ctypes.data)
+        return out
 
     def _check_rows(self, tokens: Sequence[int], streams: Sequence[int], positions: Sequence[int]) -> None:
         """Bounds the C code trusts: token ids, streams and positions inside the buffers."""
@@ -415,13 +446,15 @@ class NativeDecoder:
             raise ValueError("tokens, streams and positions differ in length")
         if len(tokens) == 0:
             return
-        t, s, p = (np.asarray(a) for a in (tokens, streams, positions))
-        if int(p.max()) >= self.cache_len:
-            raise AnetrainError(f"the context is full: position {int(p.max())} >= {self.cache_len}")
-        if int(t.min()) < 0 or int(t.max()) >= self.cfg.vocab_size:
-            bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+        if len(tokens) > 16:  # a prompt: numpy is quicker
+            tokens, streams, positions = (np.asarray(a) for a in (tokens, streams, positions))
+        if int(max(positions)) >= self.cache_len:
+            raise AnetrainError(f"the context is full: position {int(max(positions))} >= {self.cache_len}")
+        lo, hi = int(min(tokens)), int(max(tokens))
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            bad = lo if lo < 0 else hi
             raise AnetrainError(
                 f"token {bad} is outside the model's vocabulary (0..{self.cfg.vocab_size - 1})"
             )
-        if int(s.min()) < 0 or int(s.max()) >= self.n_streams or int(p.min()) < 0:
+        if int(min(streams)) < 0 or int(max(streams)) >= self.n_streams or int(min(positions)) < 0:
             raise ValueError("stream or position out of range")

@@ -115,6 +115,8 @@ class DecodeWeights:
     ) -> DecodeWeights:
         """Weights of ``params`` in ``dtype`` (fp32 shares the memory of float32 parameters)."""
         name = dtype_name(dtype)
+        if name == "fp64" and params.flat.dtype != torch.float64:
+            params = params.to(dtype=torch.float64)  # fold alpha in float64 too
         if params.cfg.residual_scale != 1.0:
             params = fold_residual_scale(params)
         cfg = params.cfg
