@@ -62,6 +62,7 @@ class GenBenchConfig:
     peer_runc: str | None = None
     peer_runq: str | None = None
     tokenizer: str | None = None
+    bandwidth_mib: int = 512  # the tensor summed to measure the memory read bandwidth
 
 
 @dataclass
@@ -233,7 +234,7 @@ def run_generation_bench(bc: GenBenchConfig, log: Callable[[str], None] = print)
         "python": platform.python_version(),
         "anetrain": __version__,
         "native": features if ok else None,
-        "read_bandwidth_gbs": read_bandwidth_gbs(threads),
+        "read_bandwidth_gbs": read_bandwidth_gbs(threads, bc.bandwidth_mib),
     }
     return {
         "machine": machine,
@@ -248,6 +249,7 @@ def run_generation_bench(bc: GenBenchConfig, log: Callable[[str], None] = print)
             "backend": bc.backend,
             "peer_runc": bc.peer_runc,
             "peer_runq": bc.peer_runq,
+            "bandwidth_mib": bc.bandwidth_mib,
         },
         "rows": summaries,
         "targets": targets(by),
@@ -300,7 +302,8 @@ def format_generation_table(result: dict[str, Any]) -> str:
         lines.append("  ".join(f"{c:>13}" for c in cells))
     m = result["machine"]
     lines.append(
-        f"memory read bandwidth (torch sum of 512 MiB, {m['threads']} threads): "
+        f"memory read bandwidth (torch sum of {result['config']['bandwidth_mib']} MiB, "
+        f"{m['threads']} threads): "
         f"{m['read_bandwidth_gbs']:.1f} GB/s"
     )
     for t in result["targets"]:
