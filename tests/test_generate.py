@@ -139,6 +139,16 @@ def test_float32_decoders_equal_full_recompute(name: str, kind: str) -> None:
     np.testing.assert_allclose(prefill, full, rtol=0, atol=2e-5)
 
 
+def test_long_prompts_are_fed_in_chunks() -> None:
+    """A prompt longer than the native decoder's 64-row workspace is fed in chunks: same logits as torch's."""
+    params = random_params(**{**SMALL_MODELS["mha-untied"], "seq_len": 160})
+    tokens = np.random.default_rng(9).integers(0, 64, 150).tolist()
+    rows = list(range(150))
+    native = make(params, "native").forward(tokens, [0] * 150, rows, [0, 63, 64, 127, 128, 149])
+    torch_ = make(params, "torch").forward(tokens, [0] * 150, rows, [0, 63, 64, 127, 128, 149])
+    np.testing.assert_allclose(native, torch_, rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("kind", DECODERS)
 def test_streams_are_independent(kind: str) -> None:
     """A batch of streams at different positions gives each stream what it would get alone."""
