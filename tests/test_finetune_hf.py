@@ -184,20 +184,21 @@ def test_bad_tokenizer_json(tmp_path):
 
 
 def test_generation_decoder_gives_transformers_logits_for_qwen3(tmp_path, capsysbinary):
-    """The KV-cache decoder (anetrain generate) applies QK-norm too: its logits at every position equal
+    """The torch decoder (anetrain generate) applies QK-norm too: its logits at every position equal
     transformers' for the same tokens, and `anetrain generate --temperature 0` with the model directory's
     tokenizer.json runs; its greedy tokens are transformers' greedy continuation of the same start token."""
     from anetrain.cli import main
-    from anetrain.generate import KVCacheDecoder
+    from anetrain.generate import DecodeWeights, TorchDecoder
     from anetrain.tokenizer import load_tokenizer
 
     model = tiny_model("qwen3", 320, tied=True, init_range=0.1)
     d = save(model, tmp_path / "m")
     qwen_tokenizer(d)
     m = load_model(d)
-    dec = KVCacheDecoder(m.params, positions=TOKENS.shape[1])
-    steps = torch.stack([dec.step(int(t)) for t in TOKENS[0]])
-    torch.testing.assert_close(steps, logits_of(model, TOKENS[:1])[0], rtol=0, atol=1e-4)
+    n = TOKENS.shape[1]
+    dec = TorchDecoder(DecodeWeights.from_params(m.params), 1, n)  # the native decoder has no QK-norm
+    rows = torch.from_numpy(dec.forward(TOKENS[0].tolist(), [0] * n, list(range(n)), range(n)))
+    torch.testing.assert_close(rows, logits_of(model, TOKENS[:1])[0], rtol=0, atol=1e-4)
     argv = ["generate", "--model", str(d), "--tokenizer", str(d), "--temperature", "0", "--steps", "12"]
     assert main(argv) == 0
     assert capsysbinary.readouterr().out.endswith(b"\n")

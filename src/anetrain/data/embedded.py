@@ -36,10 +36,10 @@ EMBEDDED_DEFAULTS = {
 }
 
 
-def cache_dir() -> Path:
+def cache_dir(n_stories: int = N_STORIES, seed: int = SEED, vocab_size: int = VOCAB) -> Path:
     """Where the embedded corpus, its tokenizer and its tokens are kept between runs."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "anetrain" / f"embedded-v1-seed{SEED}-n{N_STORIES}-vocab{VOCAB}"
+    return Path(base) / "anetrain" / f"embedded-v1-seed{seed}-n{n_stories}-vocab{vocab_size}"
 
 
 def prepare_embedded(
@@ -55,7 +55,7 @@ def prepare_embedded(
     interrupted preparation is simply redone."""
     from ..tokenizer import train_tokenizer
 
-    d = Path(directory) if directory is not None else cache_dir()
+    d = Path(directory) if directory is not None else cache_dir(n_stories, seed, vocab_size)
     d.mkdir(parents=True, exist_ok=True)
     corpus, tokens = d / "stories.txt", d / "stories.bin"
     prefix = d / f"tok{vocab_size}"

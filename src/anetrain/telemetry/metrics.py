@@ -1,4 +1,5 @@
-"""metrics.jsonl: one JSON object per line, appended and flushed as the run goes (docs/run-directory.md)."""
+"""metrics.jsonl: one JSON object per line, appended and flushed record by record as the run goes
+(docs/run-directory.md); a partial last line left by a killed writer is ended before the next one appends."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+from ..fsutil import open_for_append
 
 
 def _clean(value: Any) -> Any:
@@ -27,7 +30,7 @@ class MetricsWriter:
     def __init__(self, path: str | os.PathLike[str], start_time: float | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        self._f = open_for_append(self.path)  # kept open for the run
         self.start = start_time or time.time()
         self.listeners: list[Any] = []  # objects with .log(record): W&B, TensorBoard
 

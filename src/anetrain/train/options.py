@@ -37,6 +37,11 @@ class TrainOptions:
         "training token file (flat uint16, from `anetrain prepare`); omitted: the "
         "embedded story corpus is generated, tokenized and used",
     )
+    embedded_stories: int = opt(
+        24000,
+        "without --data: how many stories the generated corpus has (cached per size; a smaller one "
+        "prepares faster and trains a weaker model)",
+    )
     val_data: str | None = opt(None, "validation token file (default: a held-out tail of --data)")
     val_fraction: float = opt(
         0.1,
@@ -225,7 +230,7 @@ class TrainOptions:
         )
 
     def validate(self) -> None:
-        for name in ("batch", "seq", "accum", "steps"):
+        for name in ("batch", "seq", "accum", "steps", "embedded_stories"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
@@ -259,6 +264,7 @@ class TrainOptions:
 
 # Options whose change on --resume cannot alter the math of the steps already taken.
 RESUME_OVERRIDABLE = {
+    "embedded_stories",  # used only to make the data of a new run; a resumed run reads its recorded files
     "steps",
     "stop_at",
     "eval_every",

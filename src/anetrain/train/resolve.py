@@ -26,14 +26,21 @@ def is_config_spec(spec: str) -> bool:
     return spec in PRESETS or (spec.lower().endswith((".toml", ".json")) and not Path(spec).is_dir())
 
 
+def _named_config(spec: str, alpha: str | None) -> ModelConfig | None:
+    """The config a preset name or a .toml/.json config file gives (with --residual-scale applied), or None
+    when ``spec`` names something else (a weights file)."""
+    if not is_config_spec(spec):
+        return None
+    cfg = PRESETS[spec] if spec in PRESETS else load_config_file(spec)
+    if alpha is not None:
+        cfg = cfg.with_(residual_scale=deepnet_alpha(cfg.n_layers) if alpha == "deepnet" else float(alpha))
+    return cfg
+
+
 def config_of_spec(spec: str, alpha: str | None = None) -> ModelConfig:
     """The config a --model spec describes (a weights file is read for its header)."""
-    if spec in PRESETS or (spec.lower().endswith((".toml", ".json")) and not Path(spec).is_dir()):
-        cfg = PRESETS[spec] if spec in PRESETS else load_config_file(spec)
-        if alpha is not None:
-            cfg = cfg.with_(
-                residual_scale=deepnet_alpha(cfg.n_layers) if alpha == "deepnet" else float(alpha)
-            )
+    cfg = _named_config(spec, alpha)
+    if cfg is not None:
         return cfg
     from ..formats import load_model
 
@@ -55,14 +62,9 @@ class ResolvedModel:
 
 def resolve_model(opts: TrainOptions, hf_dtype: torch.dtype = torch.float32) -> ResolvedModel:
     """The model --model names (``hf_dtype``: the dtype a Hugging Face model is read into)."""
-    spec = opts.model
-    alpha = opts.residual_scale
-    if is_config_spec(spec):
-        cfg = PRESETS[spec] if spec in PRESETS else load_config_file(spec)
-        if alpha is not None:
-            cfg = cfg.with_(
-                residual_scale=deepnet_alpha(cfg.n_layers) if alpha == "deepnet" else float(alpha)
-            )
+    spec, alpha = opts.model, opts.residual_scale
+    cfg = _named_config(spec, alpha)
+    if cfg is not None:
         return ResolvedModel(
             cfg, init_params(cfg, opts.init, opts.seed), None, f"{cfg.name} from scratch ({opts.init} init)"
         )

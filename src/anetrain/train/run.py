@@ -120,13 +120,11 @@ def _prepare_run(
         if opts.data is None and not opts.resume:
             from ..data.embedded import EMBEDDED_DEFAULTS, prepare_embedded
 
-            for (
-                key,
-                value,
-            ) in EMBEDDED_DEFAULTS.items():  # settings tuned for the embedded corpus, unless given
-                if key not in given:
+            for key, value in EMBEDDED_DEFAULTS.items():
+                if key not in given:  # settings tuned for the embedded corpus, unless given
                     setattr(opts, key, value)
-            opts.data, opts.tokenizer = (str(p) for p in prepare_embedded(log=both))
+            embedded = prepare_embedded(n_stories=opts.embedded_stories, log=both)
+            opts.data, opts.tokenizer = (str(p) for p in embedded)
     except BaseException:
         both.close()
         raise

@@ -22,7 +22,7 @@ from .. import __version__
 from ..config import ModelConfig
 from ..distributed import World
 from ..errors import AnetrainError
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write_text, open_for_append
 from ..telemetry.metrics import MetricsWriter
 from .options import TrainOptions
 
@@ -126,7 +126,7 @@ class RunLog:
 
     def __init__(self, path: Path, sink: Callable[[str], None] | None = None) -> None:
         self.to_file = not os.environ.get("ANETRAIN_STDERR_IS_LOG")
-        self.file = open(path, "a", encoding="utf-8") if self.to_file else None  # noqa: SIM115
+        self.file = open_for_append(path) if self.to_file else None
         self.sink = sink
         self.progress: Any = None
 

@@ -37,6 +37,7 @@ class SampleWriter:
         self.tokens = tokens
         self.files = files
         self.log = log
+        self.written_at: int | None = None  # the step of the last sample (one per step at most)
 
     def due(self, step: int) -> bool:
         """Every ``every`` steps, or when the dashboard asked for one (the request is taken)."""
@@ -48,8 +49,9 @@ class SampleWriter:
         return asked or (self.every > 0 and step % self.every == 0)
 
     def write(self, step: int) -> None:
-        if self.tokenizer is None or not self.active:
+        if self.tokenizer is None or not self.active or self.written_at == step:
             return
+        self.written_at = step
         from ..generate import generate
 
         params = self.pipe.params

@@ -2,9 +2,9 @@
 agreement that makes every rank stop after the same step.
 
 The first signal asks for a stop after the current step (with a checkpoint), as the stop file does; a second
-signal stops at once (KeyboardInterrupt), except under torchrun, which passes on the Ctrl-C the terminal already sent every rank:
-a second signal within :data:`DUPLICATE_SIGNAL_S` is that same request. A data-parallel rank's request travels
-with the next step's loss reduction, so the ranks act on it together.
+signal stops at once (KeyboardInterrupt), except under torchrun, which passes on the Ctrl-C the terminal
+already sent every rank: a second signal within :data:`DUPLICATE_SIGNAL_S` is that same request. A
+data-parallel rank's request travels with the next step's loss reduction, so the ranks act on it together.
 """
 
 from __future__ import annotations
