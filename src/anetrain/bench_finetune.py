@@ -15,7 +15,8 @@ Every row starts from the same weights (anetrain's init, converted to HF's layou
 and trains on the same random token windows, one optimizer step per micro-batch, with global-norm clipping.
 **Each row runs in a fresh process**, so its peak resident memory is its own (not inherited from the rows
 before it): ``peak MB`` is the highest RSS sampled during its steps, ``max MB`` the process's lifetime peak
-(getrusage), which includes building the model.
+(getrusage), which includes building the model. ``ms/step`` is the median of the timed steps (pooled over
+``repeat`` rounds), ``min ms`` the fastest one: on a machine shared with other work, the least disturbed.
 """
 
 from __future__ import annotations
@@ -297,6 +298,8 @@ def run_finetune_bench(fc: FinetuneConfig, log: Any = print) -> dict[str, Any]:
         out_rows.append(
             {
                 **{k: v for k, v in r.items() if k not in ("step_ms",)},
+                "min_ms": min(r["step_ms"]),
+                "min_ratio_vs_hf": min(other["step_ms"]) / min(r["step_ms"]) if other else None,
                 "tokens_per_s": fc.batch * fc.seq / (r["ms_per_step"] / 1e3),
                 "tflops": flops / (r["ms_per_step"] / 1e3) / 1e12,
                 "speedup_vs_hf": other["ms_per_step"] / r["ms_per_step"] if other else None,
@@ -342,7 +345,18 @@ def _pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_finetune_table(result: dict[str, Any]) -> str:
-    head = ["row", "ms/step", "tok/s", "TFLOPS", "trainable", "peak MB", "max MB", "vs hf", "mem vs hf"]
+    head = [
+        "row",
+        "ms/step",
+        "min ms",
+        "tok/s",
+        "TFLOPS",
+        "trainable",
+        "peak MB",
+        "max MB",
+        "vs hf",
+        "mem vs hf",
+    ]
     lines = ["  ".join(f"{h:>10}" for h in head)]
     for r in result["rows"]:
         sp = f"{r['speedup_vs_hf']:.2f}x" if r["speedup_vs_hf"] is not None else "-"
@@ -350,6 +364,7 @@ def format_finetune_table(result: dict[str, Any]) -> str:
         cells = [
             r["name"],
             f"{r['ms_per_step']:.0f}",
+            f"{r['min_ms']:.0f}",
             f"{r['tokens_per_s']:,.0f}",
             f"{r['tflops']:.3f}",
             f"{r['trainable'] / 1e6:.2f}M",
@@ -359,6 +374,12 @@ def format_finetune_table(result: dict[str, Any]) -> str:
             mem,
         ]
         lines.append("  ".join(f"{c:>10}" for c in cells))
+    mins = [f"{r['name']} {r['min_ratio_vs_hf']:.2f}x" for r in result["rows"] if r["min_ratio_vs_hf"]]
+    if mins:
+        lines.append(
+            "ms/step is the median of the timed steps; on a machine shared with other work the fastest step "
+            f"(min ms) is the least disturbed one; ratio of the fastest steps: {', '.join(mins)}"
+        )
     lc = result.get("loss_check")
     if lc:
         verdict = "OK" if lc["ok"] else "MISMATCH"

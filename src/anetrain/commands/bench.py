@@ -54,12 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-rank", type=int, default=16, help="--finetune: the adapters' rank")
     p.add_argument("--lora-alpha", type=float, default=None, help="--finetune: LoRA alpha (default 2 x rank)")
     p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="--finetune: torch threads in each row's process (default torch's)",
-    )
-    p.add_argument(
         "--repeat",
         type=int,
         default=None,
@@ -132,7 +126,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--gen-steps", type=int, default=256, help="positions per run, BOS included (run.c's -n)")
     g.add_argument("--gen-prompt", type=int, default=128, help="tokens in the timed prefill")
     g.add_argument(
-        "--threads", type=int, default=None, help="CPU threads (default: torch's); also the peers'"
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's); also the peers'; with --finetune, each row's process's",
     )
     g.add_argument("--gen-backend", default="auto", choices=("auto", "native", "torch"), help="decoder")
     g.add_argument("--peer-runc", metavar="BIN", help="a compiled llama2.c run.c to run on the same model")
@@ -183,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import resolve_config
 
     if args.generate:
+        args.model = args.model or "stories110M"
         return _generation_bench(args)
     if args.repeat is None:
         args.repeat = 1
