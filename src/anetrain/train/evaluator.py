@@ -23,17 +23,16 @@ class Evaluator:
         self,
         pipe: Pipeline,
         world: World,
-        windows: list[torch.Tensor],
+        batches: list[tuple[torch.Tensor, torch.Tensor | None]],
         every: int,
         steps: int,
         files: RunFiles,
         log: Any,
-        masks: list[torch.Tensor | None] | None = None,
     ) -> None:
         self.pipe = pipe
         self.world = world
-        self.windows = windows  # empty: no validation data, or evaluation disabled
-        self.masks = masks or [None] * len(windows)  # instruction data: each batch's loss mask
+        # (window, loss mask or None) pairs; empty: no validation data, or evaluation disabled
+        self.batches = batches
         self.every = every
         self.steps = steps
         self.files = files
@@ -44,21 +43,21 @@ class Evaluator:
 
     def due_at_start(self, state: RunState, resumed: bool) -> bool:
         """Before the first step of a run (not again when it resumes, unless it resumes at step 0)."""
-        return bool(self.windows) and (not resumed or state.step == 0)
+        return bool(self.batches) and (not resumed or state.step == 0)
 
     def due(self, step: int) -> bool:
         """After ``step`` of the loop (the last step's evaluation is :meth:`due_at_end`)."""
-        return bool(self.windows) and self.every > 0 and step % self.every == 0 and step < self.steps
+        return bool(self.batches) and self.every > 0 and step % self.every == 0 and step < self.steps
 
     def due_at_end(self) -> bool:
-        return bool(self.windows) and self.every > 0
+        return bool(self.batches) and self.every > 0
 
     def evaluate(self, state: RunState) -> bool:
         """Write an "eval" record; returns True when the loss is a new best after the first step (worth a
         "best" checkpoint)."""
         t0 = time.perf_counter()
         world = self.world
-        pairs = list(zip(self.windows, self.masks, strict=True))
+        pairs = self.batches
         if world.active:
             mine = [self._loss(w, m) for w, m in pairs[world.rank :: world.world_size]]
             total, count = world.sum_values([math.fsum(mine), len(mine)], "the validation loss reduction")
@@ -67,7 +66,7 @@ class Evaluator:
             loss = float(np.mean([self._loss(w, m) for w, m in pairs]))
         state.counters.eval_s += time.perf_counter() - t0
         ppl = math.exp(min(loss, 50.0))
-        masked = any(m is not None for m in self.masks)
+        masked = any(m is not None for _, m in self.batches)
         self.files.write("eval", step=state.step, val_loss=loss, val_ppl=ppl, loss_masked=masked)
         note = ", completion tokens only" if masked else ""
         self.log(f"step {state.step}: val loss {loss:.4f} (ppl {ppl:.2f}{note})")

@@ -115,14 +115,14 @@ class DataSplit:
         lo, hi = self.val_range
         return eval_windows(self.val.tokens, lo, hi, opts.seq, opts.batch, opts.eval_batches)
 
-    def eval_masks(self, opts: TrainOptions) -> list[torch.Tensor | None]:
-        """The validation batches' loss masks (None for each where the validation data has no mask)."""
+    def eval_batches(self, opts: TrainOptions) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The validation batches with their loss masks (None where the validation data has no mask)."""
         windows = self.eval_windows(opts)
-        if self.val is None or self.val.mask is None or self.val_range is None:
-            return [None] * len(windows)
+        if not windows or self.val is None or self.val.mask is None or self.val_range is None:
+            return [(w, None) for w in windows]
         lo, hi = self.val_range
         starts = eval_starts(lo, hi, opts.seq, opts.batch, opts.eval_batches)
-        return [gather_masks(self.val.mask, s, opts.seq) for s in starts][: len(windows)]
+        return [(w, gather_masks(self.val.mask, s, opts.seq)) for w, s in zip(windows, starts, strict=True)]
 
     @property
     def masked(self) -> bool:

@@ -23,6 +23,7 @@ from ..config import ModelConfig
 from ..distributed import World
 from ..errors import AnetrainError
 from ..fsutil import atomic_write_text, open_for_append
+from ..lora import LoraConfig
 from ..telemetry.metrics import MetricsWriter
 from .options import TrainOptions
 
@@ -207,3 +208,25 @@ def pipeline_line(
         f"{opts.batch}x{opts.seq}, accum {opts.accum}{ranks} ({tokens_per_step:,} tokens/step); "
         f"{opts.optimizer} lr {opts.lr:g}"
     )
+
+
+def fine_tuning_lines(lora: LoraConfig | None, trainable: int, total: int, masked: bool) -> list[str]:
+    """The log's lines about LoRA and a loss mask (none for plain training)."""
+    lines = []
+    if lora is not None:
+        lines.append(
+            f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}, on {','.join(lora.targets)}: {trainable:,} "
+            f"trainable parameters ({100 * trainable / total:.2f}%); the base is frozen"
+        )
+    if masked:
+        lines.append("loss mask: the loss covers only the completion/assistant tokens of the data")
+    return lines
+
+
+def fine_tuning_fields(lora: LoraConfig | None, trainable: int, masked: bool) -> dict[str, Any]:
+    """The "run" record's fields about LoRA and a loss mask."""
+    return {
+        "lora": lora.to_dict() if lora is not None else None,
+        "trainable_params": trainable,
+        "loss_masked": masked,
+    }

@@ -147,6 +147,7 @@ class Parts:
     optimizer: AdamW
     opt_cfg: OptimizerConfig
     scaler: DynamicLossScaler | None  # fp16 pipelines only
+    lora: LoraConfig | None  # LoRA's settings (None: full fine-tuning)
 
 
 def build_parts(opts: TrainOptions, start: Start, world: World, log: Any) -> Parts:
@@ -188,7 +189,8 @@ def build_parts(opts: TrainOptions, start: Start, world: World, log: Any) -> Par
     opt_cfg = opts.optimizer_config()
     optimizer = AdamW(pipe.params, opt_cfg, opt_state)
     scaler = DynamicLossScaler(init_scale=opts.loss_scale) if pipe.needs_loss_scaling else None
-    return Parts(tokenizer, data, compaction, pipe, optimizer, opt_cfg, scaler)
+    lora = start.lora.lora if start.lora is not None else None
+    return Parts(tokenizer, data, compaction, pipe, optimizer, opt_cfg, scaler, lora)
 
 
 def make_compaction(data: DataSplit, cfg: ModelConfig, log: Any) -> VocabCompaction:

@@ -23,7 +23,7 @@ from ..telemetry.report import build_report, format_report
 from .checkpointer import Checkpointer, resume_state
 from .evaluator import Evaluator
 from .options import TrainOptions
-from .rundir import RunFiles, pipeline_line, progress_printer
+from .rundir import RunFiles, fine_tuning_fields, fine_tuning_lines, pipeline_line, progress_printer
 from .samples import SampleWriter
 from .setup import build_parts, start_on_every_rank
 from .state import CommTimes, RunState, WallClock
@@ -56,7 +56,7 @@ class Trainer:
             log(f"note: {longer}; RoPE extrapolates")
         parts = world.agree(lambda: build_parts(opts, start, world, log), "reading the data")
         self.data, self.compaction, self.pipe = parts.data, parts.compaction, parts.pipe
-        self.lora = start.lora.lora if start.lora is not None else None
+        self.lora = parts.lora
         self.optimizer, self.opt_cfg, self.scaler = parts.optimizer, parts.opt_cfg, parts.scaler
         if world.active:  # every rank starts from rank 0's weights and optimizer state
             for t in (self.pipe.params.flat, self.optimizer.state.m.flat, self.optimizer.state.v.flat):
@@ -74,9 +74,8 @@ class Trainer:
         self.micro_batches = opts.accum * world.world_size
         self.global_batch = opts.batch * self.micro_batches
         self.tokens_per_step = self.global_batch * opts.seq
-        vocab = self.compaction.size if self.compaction else None
-        flops_seq = training_flops_per_sequence(self.cfg, opts.seq, vocab, self.lora)
-        self.flops_per_step = flops_seq * self.global_batch
+        v, lora = self.compaction.size if self.compaction else None, self.lora
+        self.flops_per_step = self.global_batch * training_flops_per_sequence(self.cfg, opts.seq, v, lora)
         self.labels = pipeline_labels(self.pipe)
         if self.pipe.note:
             log(self.pipe.note)
@@ -97,17 +96,8 @@ class Trainer:
             log,
             {"base": start.base_ref, "hf_source": start.source},
         )
-        windows = parts.data.eval_windows(opts)
-        self.evaluator = Evaluator(
-            self.pipe,
-            world,
-            windows,
-            opts.eval_every,
-            opts.steps,
-            self.files,
-            log,
-            parts.data.eval_masks(opts),
-        )
+        batches = parts.data.eval_batches(opts)
+        self.evaluator = Evaluator(self.pipe, world, batches, opts.eval_every, opts.steps, self.files, log)
         self.samples = SampleWriter(
             self.pipe, parts.tokenizer, world, run_dir, opts.sample_every, opts.sample_tokens, self.files, log
         )
@@ -127,10 +117,7 @@ class Trainer:
                 window = self.sampler.next_batch()
                 mask = self.data.loss_mask(self.sampler, o.seq)
             self.grad_sync.arm(last_micro_step=i == o.accum - 1)
-            if mask is None:
-                losses.append(pipe.forward_backward(window, scale / self.micro_batches))
-            else:  # instruction data: the loss covers the completion tokens only
-                losses.append(pipe.forward_backward(window, scale / self.micro_batches, loss_mask=mask))
+            losses.append(micro_step(pipe, window, scale / self.micro_batches, mask))
         loss, comm = self._mean_loss_and_gradients(losses)  # the same gradients on every rank from here
         with pipe.times.phase("optimizer"):
             norm = global_grad_norm(pipe.grads) / scale  # before clipping, without the loss scale
@@ -287,14 +274,10 @@ class Trainer:
         self.files.open(o)
         self.files.write_config(cfg, o, world.world_size)
         self.log(f"model: {what}; {cfg.shape_line()}; {cfg.param_count():,} parameters")
-        if self.lora is not None:
-            n = self.pipe.params.numel()
-            self.log(
-                f"LoRA: rank {self.lora.rank}, alpha {self.lora.alpha:g}, on {','.join(self.lora.targets)}: "
-                f"{n:,} trainable parameters ({100 * n / cfg.param_count():.2f}%); the base is frozen"
-            )
-        if self.data.masked:
-            self.log("loss mask: the loss covers only the completion/assistant tokens of the data")
+        for line in fine_tuning_lines(
+            self.lora, self.pipe.params.numel(), cfg.param_count(), self.data.masked
+        ):
+            self.log(line)
         self.log(pipeline_line(labels, o, world, self.global_batch, self.tokens_per_step))
         if world.active and not self.grad_sync.overlap:
             self.log(
@@ -322,9 +305,7 @@ class Trainer:
             flops_per_step=self.flops_per_step,
             peak_tflops=self.peak,
             compact_vocab=self.compaction.size if self.compaction else None,
-            lora=self.lora.to_dict() if self.lora is not None else None,
-            trainable_params=self.pipe.params.numel(),
-            loss_masked=self.data.masked,
+            **fine_tuning_fields(self.lora, self.pipe.params.numel(), self.data.masked),
             resumed=self.resumed,
         )
 
@@ -353,6 +334,14 @@ class Trainer:
         )
         self.files.write_report(report)
         self.log(format_report(report))
+
+
+def micro_step(pipe: Pipeline, window: torch.Tensor, grad_scale: float, mask: torch.Tensor | None) -> float:
+    """One micro-batch's forward and backward; with instruction data's loss mask, the loss covers the
+    completion tokens only (the Neural Engine pipelines, which take no mask, refuse such data at setup)."""
+    if mask is None:
+        return pipe.forward_backward(window, grad_scale)
+    return pipe.forward_backward(window, grad_scale, loss_mask=mask)  # type: ignore[call-arg]
 
 
 def device_peak(pipe: Pipeline) -> float:
