@@ -15,7 +15,7 @@ import torch
 
 from ..cli import HelpFormatter
 from ..errors import AnetrainError
-from ..formats import load_model
+from ..formats import load_model, model_tokenizer
 from ..generate import stream
 from ..tokenizer import load_tokenizer
 
@@ -45,9 +45,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", required=True, metavar="FILE", help="model file (llama2.c .bin, ...)")
     p.add_argument(
-        "--tokenizer", required=True, metavar="FILE", help="tokenizer.bin or sentencepiece .model file"
+        "--model",
+        required=True,
+        metavar="FILE",
+        help="model file (llama2.c .bin, ...), or a run directory (its newest checkpoint)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="FILE",
+        help="tokenizer.bin or sentencepiece .model file; for a run directory, the run's by default",
     )
     p.add_argument("--prompt", default="", metavar="TEXT", help="text to start from")
     p.add_argument(
@@ -81,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 0:
         raise AnetrainError(f"--steps must be >= 0, got {args.steps}")
     model = load_model(args.model)
-    tok = load_tokenizer(args.tokenizer, vocab_size=model.cfg.vocab_size)
+    tok = load_tokenizer(args.tokenizer or model_tokenizer(args.model), vocab_size=model.cfg.vocab_size)
     gen = stream(
         model.params,
         tok,

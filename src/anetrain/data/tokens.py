@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..fsutil import CONFIG_LIMIT, read_capped
 
 
 def sidecar_path(path: str | os.PathLike[str]) -> Path:
@@ -49,13 +50,16 @@ def open_tokens(path: str | os.PathLike[str]) -> TokenFile:
         raise InputError(p, "token file is empty")
     if size % 2:
         raise InputError(p, f"odd byte length {size}: not a uint16 token file")
-    tokens = np.memmap(p, dtype="<u2", mode="r")
+    try:
+        tokens = np.memmap(p, dtype="<u2", mode="r")
+    except OSError as e:
+        raise InputError(p, f"cannot read the token file ({e.strerror or e})") from None
     sidecar = None
     sp = sidecar_path(p)
     if sp.exists():
         try:
-            sidecar = json.loads(sp.read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            sidecar = json.loads(read_capped(sp, CONFIG_LIMIT, "token file sidecar"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(sp, f"unreadable sidecar ({e})") from None
         if not isinstance(sidecar, dict):
             raise InputError(sp, "sidecar must be a JSON object")

@@ -5,8 +5,10 @@ atomically. Formats: llama2.c v0/v1/v2 (``llama2c.py``, Q8_0 in ``q80.py``), the
 checkpoints (``blzt.py``) and Hugging Face safetensors directories (``hf.py``). Reading also takes anetrain's
 own checkpoint directories (``anetrain.checkpoint``), so trained runs can be inspected and exported.
 
-Detection: a directory (or a file inside one) with ``config.json`` is HF; one with ``manifest.json`` is an
-anetrain checkpoint; one with ``checkpoints/`` is a run directory (read: its newest verified checkpoint). A
+Detection: a run directory (``checkpoints/``, ``metrics.jsonl`` or a run's ``config.json``), its
+``checkpoints/`` directory or a pointer file in it (``checkpoints/latest``, ``checkpoints/best``) is read as
+the run's newest verified checkpoint (or the best one); a directory (or a file inside one) with
+``config.json`` is HF; one with ``manifest.json`` is an anetrain checkpoint. A
 file starting with the BLZT magic is BLZT; with the llama2.c magic "ak42" it is llama2.c v1/v2; anything
 else is llama2.c v0 only if its size matches the size its 28-byte header implies (v0 has no magic).
 """
@@ -26,7 +28,15 @@ from .llama2c import read_llama2c
 
 CHECKPOINT_MANIFEST = "manifest.json"  # anetrain.checkpoint.MANIFEST (imported lazily: it imports much more)
 
-__all__ = ["FORMATS", "LoadedModel", "detect_format", "load_model", "read_llama2c", "save_model"]
+__all__ = [
+    "FORMATS",
+    "LoadedModel",
+    "detect_format",
+    "load_model",
+    "model_tokenizer",
+    "read_llama2c",
+    "save_model",
+]
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -35,14 +45,16 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
     Raises :class:`InputError` when ``path`` is none of them, saying what was checked.
     """
+    from ..checkpoint import run_of
+
     p = Path(path)
+    if run_of(p) is not None:
+        return "anetrain-run"
     if p.is_dir():
         if (p / hf.CONFIG).is_file():
             return "hf"
         if (p / CHECKPOINT_MANIFEST).is_file():
             return "anetrain-checkpoint"
-        if (p / "checkpoints").is_dir():
-            return "anetrain-run"
         raise InputError(
             p,
             f"is a directory without {hf.CONFIG} (Hugging Face model) or {CHECKPOINT_MANIFEST} "
@@ -85,13 +97,27 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         ) from None
 
 
+def model_tokenizer(path: str | os.PathLike[str]) -> str:
+    """The tokenizer to use with the model at ``path`` when none was given: the one its run was trained
+    with (a run directory, or a checkpoint or pointer in one); raises ConfigError when there is none."""
+    from ..checkpoint import run_tokenizer
+
+    found = run_tokenizer(path)
+    if found is None:
+        raise ConfigError(
+            f"give --tokenizer: {path} is not a run directory whose config.json names an existing tokenizer"
+        )
+    return str(found)
+
+
 def read_anetrain_checkpoint(path: str | os.PathLike[str], run_dir: bool = False) -> LoadedModel:
     """An anetrain checkpoint directory (or a run directory's newest verified one) as a LoadedModel."""
     from .. import checkpoint
 
     p = Path(path)
     if run_dir:
-        latest = checkpoint.load_latest(p)
+        run, pointer = checkpoint.run_of(p) or (p, "latest")
+        latest = checkpoint.load_latest(run, pointer)
         if latest is None:
             raise InputError(p, "is a run directory without a complete checkpoint")
         c = latest
@@ -114,16 +140,25 @@ def save_model(
     fmt: str,
     optimizer: AdamState | None = None,
     extras: dict[str, Any] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Write ``params`` as ``fmt`` (one of :data:`FORMATS`) atomically; returns notes for the user.
 
     ``optimizer`` and ``extras`` (step, loss, lr, ...) are stored only by BLZT; the other formats ignore
-    them. Raises :class:`ConfigError` when the format cannot express the model (nothing is written then).
+    them; ``tokenizer`` goes into an HF directory (:mod:`.hf_tokenizer`). Raises :class:`ConfigError` when
+    the format cannot express the model (nothing is written then).
     """
     if fmt.startswith("llama2c-v") and fmt in FORMATS:
         return llama2c.write_llama2c(path, params, int(fmt[-1]))
     if fmt == "hf":
-        return hf.write_hf(path, params)
+        extra_files = None
+        if tokenizer is not None:
+            from .hf_tokenizer import write_hf_tokenizer
+
+            def extra_files(directory: Path) -> dict[str, Any]:
+                return write_hf_tokenizer(directory, tokenizer, params.cfg.seq_len)
+
+        return hf.write_hf(path, params, extra_files)
     if fmt in ("blzt-v2", "blzt-v4"):
         return blzt.write_blzt(path, params, int(fmt[-1]), optimizer=optimizer, extras=extras)
     raise ConfigError(f"unknown model format {fmt!r} (known: {', '.join(FORMATS)})")

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ from safetensors.torch import save as safetensors_save
 
 from ..config import ModelConfig, make_config
 from ..errors import ConfigError, InputError
-from ..fsutil import atomic_write_bytes, atomic_write_text
-from ..params import ModelParams, fold_residual_scale
+from ..fsutil import CONFIG_LIMIT, atomic_directory, atomic_write_bytes, atomic_write_text, read_capped
+from ..params import ModelParams, fold_residual_scale, require_file_holds
 from .common import LoadedModel, require_finite, wrap_input_error
 
 CONFIG = "config.json"
@@ -127,20 +128,45 @@ def hf_tensors(params: ModelParams) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_hf(path: str | os.PathLike[str], params: ModelParams) -> dict[str, Any]:
-    """Write a HF directory (config.json, model.safetensors), each file atomically; returns notes."""
+def write_hf(
+    path: str | os.PathLike[str],
+    params: ModelParams,
+    extra_files: Callable[[Path], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Write a HF directory (config.json, model.safetensors, and what ``extra_files(directory)`` adds: the
+    tokenizer's files) as a whole: a directory already there is replaced atomically (a kill leaves the
+    old model or the new one, never a mixture), and only if it is a model directory; returns notes."""
     d = Path(path)
-    if d.exists() and not d.is_dir():
-        raise ConfigError(f"{d}: exists and is not a directory (the hf format writes a directory)")
+    check_replaceable(d)
     cfg = params.cfg
     notes: dict[str, Any] = {}
     if cfg.residual_scale != 1.0:
         notes["folded_residual_scale"] = cfg.residual_scale
     tensors = hf_tensors(params)
-    d.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(d / WEIGHTS, safetensors_save(tensors, metadata={"format": "pt"}))
-    atomic_write_text(d / CONFIG, json.dumps(hf_config(cfg.with_(residual_scale=1.0)), indent=2) + "\n")
+    with atomic_directory(d) as tmp:
+        atomic_write_bytes(tmp / WEIGHTS, safetensors_save(tensors, metadata={"format": "pt"}))
+        atomic_write_text(tmp / CONFIG, json.dumps(hf_config(cfg.with_(residual_scale=1.0)), indent=2) + "\n")
+        if extra_files is not None:
+            notes.update(extra_files(tmp))
     return notes
+
+
+def check_replaceable(d: Path) -> None:
+    """Refuse to write a HF directory over a file, or over a non-empty directory that is not a Hugging Face
+    model directory (a run directory, a data folder): it would be replaced as a whole."""
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"{d}: exists and is not a directory (the hf format writes a directory)")
+    if not d.is_dir() or not any(d.iterdir()):
+        return
+    try:
+        doc = json.loads(read_capped(d / CONFIG, CONFIG_LIMIT, "model config"))
+    except (InputError, UnicodeDecodeError, json.JSONDecodeError):
+        doc = None
+    if not (isinstance(doc, dict) and "model_type" in doc and "train" not in doc):
+        raise ConfigError(
+            f"{d}: is a non-empty directory that is not a Hugging Face model directory; it would be replaced "
+            "as a whole: choose a new directory"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,7 +250,7 @@ def _weight_files(d: Path) -> list[Path]:
     if not index.is_file():
         raise InputError(d, f"has no {WEIGHTS} (nor {INDEX})")
     try:
-        weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+        weight_map = json.loads(read_capped(index, CONFIG_LIMIT, "safetensors index"))["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise InputError(index, f"not a valid safetensors index ({type(e).__name__}: {e})") from None
@@ -261,13 +287,16 @@ def read_hf(path: str | os.PathLike[str]) -> LoadedModel:
     if not cfg_path.is_file():
         raise InputError(d, f"is not a Hugging Face model directory (no {CONFIG})")
     try:
-        data = json.loads(cfg_path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(read_capped(cfg_path, CONFIG_LIMIT, "model config"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(cfg_path, f"not valid JSON ({e})") from None
     cfg = config_from_hf(cfg_path, data, name=d.resolve().name)
     files = _weight_files(d)
     tensors = _read_tensors(files)
     where = files[0] if len(files) == 1 else d
+    # the config's model is allocated only if that is in proportion to what the files hold (a file a few
+    # tensors short gets the precise message below)
+    require_file_holds(cfg_path, cfg, sum(t.numel() for t in tensors.values()), per_param=0.5, unit="values")
     params = ModelParams.zeros(cfg)
     expected = {hf_name(n): n for n in params.tensors}
     if cfg.tied_classifier:

@@ -206,13 +206,10 @@ def _read_v2(path: str | os.PathLike[str], raw: np.ndarray, cfg: ModelConfig) ->
     (gs,) = GROUP_SIZE.unpack(raw[V12_PREFIX.size : V12_PREFIX.size + 4].tobytes())
     if gs <= 0:
         raise InputError(path, f"Q8_0 group size {gs} must be positive")
-    quant_names = tensor_names(cfg, V2_QUANT)
-    params = ModelParams.zeros(cfg)
-    for name in quant_names:
-        if params[name].numel() % gs:
-            raise InputError(
-                path, f"Q8_0 group size {gs} does not divide {name} ({params[name].numel()} elements)"
-            )
+    # arithmetic only: the header is checked against the file before anything is allocated
+    for kind, numel in _v2_quantized_sizes(cfg).items():
+        if numel % gs:
+            raise InputError(path, f"Q8_0 group size {gs} does not divide {kind} ({numel} elements)")
     expected = v2_file_size(cfg, gs)
     if raw.size != expected:
         raise InputError(
@@ -220,6 +217,8 @@ def _read_v2(path: str | os.PathLike[str], raw: np.ndarray, cfg: ModelConfig) ->
             f"size {raw.size} bytes does not match its llama2.c v2 header ({cfg.shape_line()}, "
             f"group size {gs}): expected {expected}",
         )
+    quant_names = tensor_names(cfg, V2_QUANT)
+    params = ModelParams.zeros(cfg)
     fp32_names = tensor_names(cfg, V2_FP32, classifier=False)
     params, offset = _fill(cfg, fp32_names, raw, HEADER_SIZE)
     for name in quant_names:
@@ -232,6 +231,16 @@ def _read_v2(path: str | os.PathLike[str], raw: np.ndarray, cfg: ModelConfig) ->
         offset += n + 4 * (n // gs)
     require_finite(path, params.flat)
     return LoadedModel(cfg=cfg, params=params, format="llama2c-v2", extras={"group_size": gs})
+
+
+def _v2_quantized_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """Elements of each Q8_0-quantized tensor kind, in file order, named by its first tensor (the layers'
+    are all alike)."""
+    d, f, v = cfg.dim, cfg.hidden_dim, cfg.vocab_size
+    numel = {"emb": v * d, "wq": cfg.q_dim * d, "wk": cfg.kv_dim * d, "wv": cfg.kv_dim * d}
+    numel |= {"wo": d * cfg.q_dim, "w1": f * d, "w2": d * f, "w3": f * d, "wcls": v * d}
+    kinds = [*V2_QUANT, *(() if cfg.tied_classifier else ("wcls",))]
+    return {KIND_NAMES[k].format(0): numel[k] for k in kinds}
 
 
 def looks_like_v0(raw: np.ndarray) -> bool:

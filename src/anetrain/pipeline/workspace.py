@@ -120,7 +120,7 @@ def make_workspace(
     compaction: bool,
 ) -> Workspace:
     features = frozenset({elementwise.name, *(("compaction",) if compaction else ())})
-    tables = attention_tables(dims.S, dims.dh, cfg.rope_theta, cfg.seq_len, device)
+    tables = attention_tables(dims.S, dims.dh, cfg.rope_theta, device)
     return allocate(
         Workspace,
         dims,

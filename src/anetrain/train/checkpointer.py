@@ -17,7 +17,7 @@ from .. import __version__
 from ..checkpoint import checkpoint_name, prune_checkpoints, save_checkpoint
 from ..data.sampler import WindowSampler
 from ..distributed import World
-from ..errors import AnetrainError, ConfigError
+from ..errors import AnetrainError, ConfigError, InputError
 from ..optim import AdamW, DynamicLossScaler
 from ..pipeline.base import Pipeline
 from .options import TrainOptions
@@ -113,9 +113,25 @@ def resume_state(
     sampler: WindowSampler,
     scaler: DynamicLossScaler | None,
     log: Any,
+    where: str = "the checkpoint's manifest",
 ) -> RunState:
     """The run's state from the checkpoint it resumes, with the sampler and loss scaler restored; notes on
-    what changes when the job has another number of ranks."""
+    what changes when the job has another number of ranks. A manifest whose state cannot be read (edited,
+    damaged) is an InputError naming ``where``."""
+    try:
+        return _resume_state(manifest, opts, world, sampler, scaler, log)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise InputError(where, f"unreadable run state ({type(e).__name__}: {e})") from None
+
+
+def _resume_state(
+    manifest: dict[str, Any],
+    opts: TrainOptions,
+    world: World,
+    sampler: WindowSampler,
+    scaler: DynamicLossScaler | None,
+    log: Any,
+) -> RunState:
     state = RunState.from_manifest(manifest)
     saved = manifest.get("sampler")
     if saved is not None:

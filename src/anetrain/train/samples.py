@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed import World
+from ..params import ModelParams
 from ..pipeline.base import Pipeline
 from ..tokenizer.base import Tokenizer
 from .rundir import RunFiles
@@ -46,7 +47,8 @@ class SampleWriter:
             self.request_file.unlink(missing_ok=True)
         return asked or (self.every > 0 and step % self.every == 0)
 
-    def write(self, step: int) -> None:
+    def write(self, step: int, final: bool = False) -> None:
+        """A sample from the current weights (``final``: the run's last, part of its result on stdout)."""
         if self.tokenizer is None or not self.active:
             return
         from ..generate import generate
@@ -54,6 +56,8 @@ class SampleWriter:
         params = self.pipe.params
         if params.flat.device.type != "cpu":
             params = params.to(device="cpu")
+        if params.cfg.seq_len > self.tokens:  # the decoder's cache: the sample's length, not the model's
+            params = ModelParams(params.cfg.with_(seq_len=self.tokens), params.flat)
         res = generate(
             params,
             self.tokenizer,
@@ -64,4 +68,5 @@ class SampleWriter:
             seed=step,
         )
         self.files.write("sample", step=step, text=res.text)
-        self.log(f"sample at step {step}:\n{res.text.strip()}")
+        line = f"sample at step {step}:\n{res.text.strip()}"
+        self.log.result(line) if final else self.log(line)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import config_difference, load_latest
+from ..checkpoint import MANIFEST, config_difference, load_latest
 from ..config import ModelConfig, make_config
 from ..data.compaction import VocabCompaction
 from ..distributed import World
@@ -31,6 +31,7 @@ class Start:
     optimizer: AdamState | None
     manifest: dict[str, Any] | None
     what: str  # for the log: "stories15M from scratch (llama2c init)", "... resumed at step 300", ...
+    source: str | None = None  # the manifest's file, when resuming (named by errors about its content)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -42,6 +43,7 @@ class Start:
             "model": self.cfg.to_dict(),
             "what": self.what,
             "manifest": self.manifest,
+            "source": self.source,
             "adam_t": self.optimizer.t if self.optimizer is not None else None,
         }
 
@@ -51,7 +53,7 @@ class Start:
         params = ModelParams.zeros(make_config(**summary["model"]))
         t = summary["adam_t"]
         optimizer = None if t is None else AdamState(params.like(), params.like(), int(t))
-        return cls(params, optimizer, summary["manifest"], summary["what"])
+        return cls(params, optimizer, summary["manifest"], summary["what"], summary["source"])
 
 
 def load_start(opts: TrainOptions, run_dir: Path, model_check: str | None, log: Any) -> Start:
@@ -60,7 +62,7 @@ def load_start(opts: TrainOptions, run_dir: Path, model_check: str | None, log: 
     if not opts.resume:
         _, params, opt_state, what = resolve_model(opts)
         return Start(params, opt_state, None, what)
-    resumed = load_latest(run_dir)
+    resumed = load_latest(run_dir, warn=log)
     if resumed is None:
         raise InputError(run_dir, "no complete checkpoint to resume from")
     log(f"resuming from {resumed.path} (step {resumed.step})")
@@ -69,7 +71,7 @@ def load_start(opts: TrainOptions, run_dir: Path, model_check: str | None, log: 
         if diff:
             raise ConfigError(f"cannot resume {run_dir}: the model config differs ({diff})")
     what = f"{resumed.cfg.name} resumed at step {resumed.step}"
-    return Start(resumed.params, resumed.optimizer, resumed.manifest, what)
+    return Start(resumed.params, resumed.optimizer, resumed.manifest, what, str(resumed.path / MANIFEST))
 
 
 def start_on_every_rank(

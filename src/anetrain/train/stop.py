@@ -1,10 +1,10 @@
-"""When training stops early: SIGINT / SIGTERM, the dashboard's RUN_DIR/control/stop, and, data-parallel, the
-agreement that makes every rank stop after the same step.
+"""When training stops early: SIGINT / SIGTERM / SIGHUP (the terminal closed), the dashboard's
+RUN_DIR/control/stop, and, data-parallel, the agreement that makes every rank stop after the same step.
 
 The first signal asks for a stop after the current step (with a checkpoint), as the stop file does; a second
-signal stops at once (KeyboardInterrupt), except under torchrun, which passes on the Ctrl-C the terminal already sent every rank:
-a second signal within :data:`DUPLICATE_SIGNAL_S` is that same request. A data-parallel rank's request travels
-with the next step's loss reduction, so the ranks act on it together.
+signal stops at once (KeyboardInterrupt), except under torchrun, which passes on the Ctrl-C the terminal
+already sent every rank: a second signal within :data:`DUPLICATE_SIGNAL_S` is that same request. A
+data-parallel rank's request travels with the next step's loss reduction, so the ranks act on it together.
 """
 
 from __future__ import annotations
@@ -26,9 +26,15 @@ from ..distributed import World
 #: terminal's Ctrl-C reaches every rank, and torchrun forwards the one it got), not an urgent "stop now"
 DUPLICATE_SIGNAL_S = 2.0
 
+#: the signals that ask for a stop with a checkpoint, in the order of precedence when ranks disagree
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+#: the exit status after each (128 + the signal's number, as the shell reports a process it killed)
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+
 
 class StopController:
-    """Collects stop requests; :attr:`signal` is the one every rank acts on (SIGINT or SIGTERM), or None."""
+    """Collects stop requests; :attr:`signal` is the one every rank acts on (SIGINT, SIGTERM or SIGHUP), or
+    None."""
 
     def __init__(self, world: World, run_dir: Path, log: Any) -> None:
         self.world = world
@@ -56,12 +62,13 @@ class StopController:
         each rank's stop request, and a request from any rank stops them all."""
         if not self.world.active:
             return float(np.mean(losses))
-        total, n_int, n_term = self.world.sum_values(
-            [math.fsum(losses), float(self.pending == signal.SIGINT), float(self.pending == signal.SIGTERM)],
+        total, *counts = self.world.sum_values(
+            [math.fsum(losses), *(float(self.pending == s) for s in STOP_SIGNALS)],
             "the step's loss reduction",
         )
-        if n_term or n_int:
-            self.signal = signal.SIGTERM if n_term else signal.SIGINT
+        asked = [s for s, n in zip(STOP_SIGNALS, counts, strict=True) if n]
+        if asked:
+            self.signal = asked[0]
         return total / (len(losses) * self.world.world_size)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -77,9 +84,10 @@ class StopController:
 
     @contextlib.contextmanager
     def watching_signals(self) -> Iterator[None]:
-        """SIGINT and SIGTERM become stop requests while the block runs (the main thread's handlers)."""
+        """SIGINT, SIGTERM and SIGHUP become stop requests while the block runs (the main thread's
+        handlers)."""
         old = {}
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOP_SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread
                 old[s] = signal.signal(s, self._on_signal)
         try:

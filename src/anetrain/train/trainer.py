@@ -5,6 +5,7 @@ controller (torchtitan's ``Trainer.train`` asks its checkpointer and validator t
 from __future__ import annotations
 
 import math
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -27,11 +28,16 @@ from .rundir import RunFiles, pipeline_line, progress_printer
 from .samples import SampleWriter
 from .setup import build_parts, start_on_every_rank
 from .state import CommTimes, RunState, WallClock
-from .stop import StopController
+from .stop import EXIT_CODES, StopController
 
 
 class Stop(Exception):
     """Raised out of the loop when the job agreed to stop early."""
+
+
+class StepAbandoned(Exception):
+    """A stop signal arrived between the micro-steps of a single process's step: the step is dropped (its
+    gradients are partial and nothing was applied) and the run stops at the step before it."""
 
 
 class Trainer:
@@ -63,10 +69,12 @@ class Trainer:
             self.pipe.after_update()
         self.grad_sync = GradSync(world, self.pipe)
         self.sampler = parts.data.sampler(opts, world)
+        windows = parts.data.eval_windows(opts)  # (refuses more windows than the data holds: before writing)
         self.resumed = start.manifest is not None
         self.state = RunState()
         if start.manifest is not None:
-            self.state = resume_state(start.manifest, opts, world, self.sampler, self.scaler, log)
+            where = start.source or str(run_dir)
+            self.state = resume_state(start.manifest, opts, world, self.sampler, self.scaler, log, where)
         self.clock = WallClock(started, self.state.counters.wall_s)
         # the step's size: each rank's gradients are scaled by 1/micro_batches, so their all-reduced sum is
         # the mean over the job's micro-batches
@@ -80,7 +88,7 @@ class Trainer:
             log(self.pipe.note)
         self.peak = 0.0  # TFLOPS of one device, for the utilization (rank 0 measures it)
         # the run directory (rank 0 writes it) and the components the loop asks after each step
-        self.files = RunFiles(run_dir, world, started)
+        self.files = RunFiles(run_dir, world, started, log)
         world.agree(lambda: self._open_run_dir(start.what), "writing the run")
         self.checkpointer = Checkpointer(
             run_dir,
@@ -94,7 +102,6 @@ class Trainer:
             self.clock,
             log,
         )
-        windows = parts.data.eval_windows(opts)
         self.evaluator = Evaluator(self.pipe, world, windows, opts.eval_every, opts.steps, self.files, log)
         self.samples = SampleWriter(
             self.pipe, parts.tokenizer, world, run_dir, opts.sample_every, opts.sample_tokens, self.files, log
@@ -109,8 +116,15 @@ class Trainer:
         pipe.times.reset()
         pipe.zero_grad()
         scale = self.scaler.scale if self.scaler else 1.0  # fp16: the loss scale
+        # a single process honours a stop signal between micro-steps (a long --accum must not make SIGTERM
+        # wait): the sampler goes back to the step's start, so the checkpoint resumes exactly
+        can_abandon = o.accum > 1 and not self.world.active
+        at_start = self.sampler.job_state([self.sampler.state()]) if can_abandon else None
         losses = []
         for i in range(o.accum):
+            if at_start is not None and self.stop.signal is not None:
+                self.sampler.restore(at_start, step=state.step)
+                raise StepAbandoned
             with pipe.times.phase("io"):
                 window = self.sampler.next_batch()
             self.grad_sync.arm(last_micro_step=i == o.accum - 1)
@@ -197,16 +211,20 @@ class Trainer:
                     self._evaluate()
                 progress = progress_printer(self.log, end, state.step, o.log_every, self.world.is_main)
                 while state.step < end:
-                    progress(self.train_step())
+                    try:
+                        progress(self.train_step())
+                    except StepAbandoned:
+                        raise Stop from None
                     self._after_step(end)
                     if self.stop.signal is not None:
                         raise Stop
                 self._finish(end)
             except Stop:
                 exit_code = self._interrupted()
-        self._report()
+            self._report()
         self.pipe.close()
         self.files.close()
+        self._next_steps(exit_code)
         return exit_code
 
     def _after_step(self, end: int) -> None:
@@ -228,7 +246,21 @@ class Trainer:
         if self.state.step >= end:
             return
         t0 = time.perf_counter()
-        self.pipe.warmup(self.opts.batch, self.opts.seq)
+        try:
+            self.pipe.warmup(self.opts.batch, self.opts.seq)
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            raise AnetrainError(
+                f"not enough memory for micro-batches of --batch {self.opts.batch} x --seq {self.opts.seq} "
+                f"on this model ({str(e).splitlines()[0][:120]}); lower --batch or --seq (--accum keeps the "
+                "step's size)"
+            ) from None
+        except RuntimeError as e:
+            if "alloc" not in str(e).lower():
+                raise
+            raise AnetrainError(
+                f"not enough memory for micro-batches of --batch {self.opts.batch} x --seq {self.opts.seq} "
+                "on this model; lower --batch or --seq (--accum keeps the step's size)"
+            ) from None
         seconds = time.perf_counter() - t0
         self.state.counters.compile_s += seconds
         self.files.write("compile", seconds=seconds, what=self.labels["pipeline"])
@@ -244,7 +276,7 @@ class Trainer:
             if self.evaluator.due_at_end():
                 self._evaluate()
             self.checkpointer.save("final", state)
-            self.samples.write(state.step)
+            self.samples.write(state.step, final=True)
             return
         self.log(
             f"stopping at step {state.step} (--stop-at); resume with: anetrain train --resume {self.run_dir}"
@@ -252,13 +284,30 @@ class Trainer:
         self.checkpointer.save("interrupt", state)
 
     def _interrupted(self) -> int:
-        """A stop request was agreed: checkpoint; the signal's exit status (130 for SIGINT, 143 SIGTERM)."""
+        """A stop request was agreed: checkpoint; the signal's exit status (130 for SIGINT, 143 SIGTERM,
+        129 SIGHUP)."""
         signum = self.stop.signal
         name = signal.Signals(signum).name if signum else "stop"
         resume = f"resume with: anetrain train --resume {self.run_dir}"
         self.log(f"{name}: checkpointing at step {self.state.step}; {resume}")
         self.checkpointer.save("interrupt", self.state)
-        return 130 if signum == signal.SIGINT else 143
+        return EXIT_CODES.get(signum, 130) if signum else 130
+
+    def _next_steps(self, exit_code: int) -> None:
+        """Where the run is and what to do with it (rank 0; on stdout: the run's result)."""
+        if not self.world.is_main:
+            return
+        d = shlex.quote(str(self.run_dir))
+        lines = [f"run directory: {self.run_dir}"]
+        if self.state.step < self.opts.steps:
+            lines.append(f"  continue:  anetrain train --resume {d}")
+        tokenizer = "" if self.opts.tokenizer else " --tokenizer TOKENIZER"
+        lines += [
+            f"  generate:  anetrain generate --model {d}{tokenizer} --prompt 'Once upon a time'",
+            f"  inspect:   anetrain info {d}    anetrain dashboard {d}",
+            f"  export:    anetrain export {d} model.bin --format llama2c-v0   (or --format hf)",
+        ]
+        self.log.result("\n".join(lines))
 
     # ---- the run directory -------------------------------------------------------------------------
     def _open_run_dir(self, what: str) -> None:
@@ -324,7 +373,7 @@ class Trainer:
             loss_compacted=self.compaction is not None,
         )
         self.files.write_report(report)
-        self.log(format_report(report))
+        self.log.result(format_report(report))
 
 
 def device_peak(pipe: Pipeline) -> float:

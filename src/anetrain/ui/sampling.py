@@ -47,7 +47,7 @@ def generate_from_checkpoint(
         from ..tokenizer import load_tokenizer
     except ImportError as e:
         raise AnetrainError(f"text generation is not available in this install ({e})") from None
-    ckpt = load_latest(run.path, with_optimizer=False)
+    ckpt = load_latest(run.path, with_optimizer=False, warn=None)
     if ckpt is None:
         raise InputError(run.checkpoints, "no complete checkpoint to generate from yet")
     tokenizer = load_tokenizer(tokenizer_path(run), vocab_size=ckpt.cfg.vocab_size)
