@@ -3,6 +3,7 @@ with its loss scaler, the dashboard's control files on a live trainer, and ``ane
 
 from __future__ import annotations
 
+import bz2
 import json
 import os
 import pty
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from anetrain.checkpoint import find_checkpoint, verify_checkpoint
-from anetrain.data.embedded import N_STORIES, cache_dir
+from anetrain.data.embedded import EXCERPT, cache_dir, clean_tinystories
 from helpers.data import shared_file
 from helpers.train import (
     OPTIMIZED_FP32,
@@ -40,10 +41,11 @@ FOREVER = 1_000_000
 # ---- the embedded default ----------------------------------------------------------------------------------
 
 
-def test_embedded_default_generates_its_data_trains_reports_and_tells_a_story(tmp_path, monkeypatch):
-    """`anetrain train` with no --data: the story corpus is generated, a tokenizer trained on it, the corpus
-    tokenized, stories260K trained and evaluated, the Efficiency Report written and a story generated. The
-    same code path as a user's first run, with fewer and smaller steps (options the test gives)."""
+def test_embedded_default_unpacks_its_text_trains_reports_and_tells_a_story(tmp_path, monkeypatch):
+    """`anetrain train` with no --data: the TinyStories excerpt is unpacked, a tokenizer trained on it, the
+    text tokenized, stories260K trained and evaluated, the Efficiency Report written and a story generated;
+    the result on stdout. The same code path as a user's first run, with fewer and smaller steps (options the
+    test gives)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
@@ -53,9 +55,11 @@ def test_embedded_default_generates_its_data_trains_reports_and_tells_a_story(tm
     data = cache_dir()
     assert data.parent == tmp_path / "cache" / "anetrain"
     corpus = (data / "stories.txt").read_text("ascii")
-    assert corpus.count("\n\n") == N_STORIES - 1  # the stories, one blank line apart
+    assert corpus == bz2.decompress(EXCERPT.read_bytes()).decode("ascii")
+    assert corpus.startswith("Spot. Spot saw the shiny car and said,") and corpus.count("\n\n") == 4300 - 1
     sidecar = json.loads((data / "stories.bin.json").read_text("utf-8"))
-    assert sidecar["n_tokens"] == (data / "stories.bin").stat().st_size // 2 > 1_000_000
+    assert sidecar["n_documents"] == 4300
+    assert sidecar["n_tokens"] == (data / "stories.bin").stat().st_size // 2 > 300_000
     assert (data / "tok512.bin").stat().st_size > 0 and (data / "tok512.model").stat().st_size > 0
     config = json.loads((run / "config.json").read_text("utf-8"))
     assert config["data"] == str(data / "stories.bin") and config["tokenizer"] == str(data / "tok512.bin")
@@ -72,13 +76,21 @@ def test_embedded_default_generates_its_data_trains_reports_and_tells_a_story(tm
     report = json.loads((run / "report.json").read_text("utf-8"))
     assert report["total_steps"] == 24 and report["final_loss"] == step_values(run, "loss")[24]
     assert verify_checkpoint(find_checkpoint(run))["kind"] == "final"
-    for line in ("generating the embedded story corpus", "=== Efficiency Report ===", "sample at step 24:"):
-        assert line in res.err
+    assert "unpacking the embedded TinyStories excerpt (CDLA-Sharing-1.0)" in res.err
+    for line in ("=== Efficiency Report ===", "sample at step 24:", f"run directory: {run}"):
+        assert line in res.out
     again = run_cli(
         ["train", "--out", str(tmp_path / "again"), "--steps", "1", "--eval-every", "0", *small[2:]]
     )
     assert again.rc == 0, again.err
-    assert "generating" not in again.err and "tokenized" not in again.err  # the cached data is reused
+    assert "unpacking" not in again.err and "tokenized" not in again.err  # the cached data is reused
+
+
+def test_the_embedded_excerpt_is_the_shared_tinystories_text_cleaned():
+    """The shipped excerpt is reproducible: clean_tinystories of the source (TINYSTORIES-NOTICE.md)."""
+    source = shared_file("tinystories_valid_head.txt").read_text("utf-8")
+    assert bz2.decompress(EXCERPT.read_bytes()).decode("ascii") == clean_tinystories(source)
+    assert (EXCERPT.parent / "TINYSTORIES-NOTICE.md").read_text("utf-8").count("CDLA-Sharing-1.0") >= 2
 
 
 # ---- fp16 and its loss scaler ------------------------------------------------------------------------------

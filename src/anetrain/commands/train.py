@@ -14,8 +14,10 @@ from typing import Any
 ORDER = 10
 
 DESCRIPTION = """\
-Train a model. With no --data, an embedded story corpus is generated, a tokenizer trained on it, and a
-stories260K-sized model trained on it for a few minutes: a complete run that works offline.
+Train a model. With no --data, an excerpt of TinyStories shipped with anetrain (real children's stories,
+CDLA-Sharing-1.0) is unpacked, a tokenizer trained on it, and a stories260K-sized model trained on it for a
+few minutes: a complete run that works offline. Progress goes to stderr; the run's result (the Efficiency
+Report, a generated sample, the run directory and the commands to use it next) to stdout.
 
 A step is one optimizer update over --accum micro-batches of --batch x --seq tokens. The run directory
 (--out) receives config.json, metrics.jsonl, train.log, checkpoints/ and report.json; resume an interrupted

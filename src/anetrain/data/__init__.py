@@ -1,2 +1,2 @@
 """Data: token files (prepare, memory-mapped reading, validation), samplers, vocabulary compaction,
-downloads and the embedded story generator."""
+downloads, the embedded default's TinyStories excerpt and the story generator."""

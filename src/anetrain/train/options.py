@@ -33,8 +33,8 @@ class TrainOptions:
     )
     data: str | None = opt(
         None,
-        "training token file (flat uint16, from `anetrain prepare`); omitted: the "
-        "embedded story corpus is generated, tokenized and used",
+        "training token file (flat uint16, from `anetrain prepare`); omitted: the embedded TinyStories "
+        "excerpt is tokenized and used",
     )
     val_data: str | None = opt(None, "validation token file (default: a held-out tail of --data)")
     val_fraction: float = opt(
