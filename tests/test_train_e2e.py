@@ -72,7 +72,8 @@ def test_embedded_default_unpacks_its_text_trains_reports_and_tells_a_story(tmp_
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3  # it learned something in 24 steps
     (sample,) = records(run, "sample")
     assert sample["step"] == 24 and sample["text"].strip()
-    assert set(sample["text"]) <= set(corpus)  # decoded by the tokenizer trained on the corpus
+    # decoded by the tokenizer trained on the corpus (24 steps in, byte pieces may not form UTF-8 yet)
+    assert {c for c in sample["text"] if c.isprintable() and c != "\ufffd"} <= set(corpus)
     report = json.loads((run / "report.json").read_text("utf-8"))
     assert report["total_steps"] == 24 and report["final_loss"] == step_values(run, "loss")[24]
     assert verify_checkpoint(find_checkpoint(run))["kind"] == "final"
@@ -90,7 +91,8 @@ def test_the_embedded_excerpt_is_the_shared_tinystories_text_cleaned():
     """The shipped excerpt is reproducible: clean_tinystories of the source (TINYSTORIES-NOTICE.md)."""
     source = shared_file("tinystories_valid_head.txt").read_text("utf-8")
     assert bz2.decompress(EXCERPT.read_bytes()).decode("ascii") == clean_tinystories(source)
-    assert (EXCERPT.parent / "TINYSTORIES-NOTICE.md").read_text("utf-8").count("CDLA-Sharing-1.0") >= 2
+    notice = (EXCERPT.parent / "TINYSTORIES-NOTICE.md").read_text("utf-8")
+    assert "CDLA-Sharing-1.0" in notice and "https://cdla.dev/sharing-1-0/" in notice
 
 
 # ---- fp16 and its loss scaler ------------------------------------------------------------------------------

@@ -111,15 +111,15 @@ class PreparedRun:
     run_dir: Path
     log: Any  # RunLog, None until it is open
     lock: RunLock
-    created: bool  # this command made the directory: it is removed again if the run fails to start
+    created: Path | None  # what this command made (the run directory or a parent): removed if the run fails
 
     def close(self, remove: bool = False) -> None:
         """Close the log and let go of the directory (removing it when asked and this command made it)."""
         if self.log is not None:
             self.log.close()
         self.lock.release()
-        if remove and self.created:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if remove and self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
 
 
 #: what a run directory may hold before its trainer writes config.json (the dashboard's launcher opens
@@ -144,9 +144,14 @@ def check_new_run_dir(run_dir: Path) -> None:
             )
 
 
-def make_run_dir(run_dir: Path) -> bool:
-    """Create the run directory; True when this call made it."""
-    created = not run_dir.exists()
+def make_run_dir(run_dir: Path) -> Path | None:
+    """Create the run directory; the outermost directory this call made (the run directory, or a parent
+    such as ``runs/``), or None."""
+    created = None
+    for d in (run_dir, *run_dir.parents):
+        if d.exists():
+            break
+        created = d
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -158,7 +163,7 @@ def _prepare_run(opts: TrainOptions, given: dict[str, Any], world: World, log: A
     """Rank 0 (or the single process): the run's directory (locked: one trainer per directory), options
     and log, and the embedded data if no --data was given. A directory this made is removed again if
     something here fails."""
-    created = False
+    created = None
     if opts.resume:
         run_dir = Path(opts.resume)
         if not run_dir.is_dir():
@@ -172,8 +177,8 @@ def _prepare_run(opts: TrainOptions, given: dict[str, Any], world: World, log: A
     try:
         lock.acquire()
     except BaseException:
-        if created:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
     prepared = PreparedRun(opts, run_dir, None, lock, created)
     try:
