@@ -72,7 +72,7 @@ def test_generate_from_a_run_directory_needs_no_tokenizer(finished, capsysbinary
     )
     assert capsysbinary.readouterr().out == own and own.strip()
     assert main(["generate", "--model", str(shared_file("stories260K.bin")), *common]) == 2
-    assert b"give --tokenizer" in capsysbinary.readouterr().err
+    assert b"no tokenizer: pass --tokenizer" in capsysbinary.readouterr().err
 
 
 def test_export_of_a_run_directory_in_every_kind_and_hf_with_its_tokenizer(finished, tmp_path):

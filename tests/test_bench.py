@@ -76,3 +76,28 @@ def test_bench_rows_subset_and_bad_input(tiny_model, capsys):
     assert "unknown bench row 'nonsense'" in capsys.readouterr().err
     assert main([*argv, "--repeat", "0"]) == 2
     assert "--repeat must be positive" in capsys.readouterr().err
+
+
+def test_bench_compiled_reference_row_and_the_loss_mismatch_branch(tiny_model, tmp_path, capsys, monkeypatch):
+    """The reference row as `anetrain bench` runs it by default (its loss torch.compile'd: dynamo captures
+    graphs, the warm-up includes the compilation), and the loss check's other branch: with a tolerance no
+    16-bit run meets, the table says MISMATCH, the JSON says so and the command exits 1."""
+    from torch._dynamo.utils import counters
+
+    from anetrain import bench
+
+    monkeypatch.setattr(bench, "LOSS_TOLERANCE", {**bench.LOSS_TOLERANCE, "bf16": 1e-9})
+    graphs_before = counters["stats"]["unique_graphs"]
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", tiny_model, "--batch", "2", "--seq", "8", "--accum", "1", "--steps", "2"]
+    argv += ["--warmup", "1", "--dtype", "bf16", "--rows", "reference,optimized", "--json", str(out)]
+    assert main(argv) == 1
+    assert counters["stats"]["unique_graphs"] > graphs_before  # the reference model ran compiled
+    table = capsys.readouterr().out
+    assert "(tolerance 1e-09): MISMATCH" in table
+    res = json.loads(out.read_text())
+    check, rows = res["loss_check"], {r["name"]: r for r in res["rows"]}
+    assert check["ok"] is False and 1e-9 < check["max_rel_diff"] < 3e-2  # close, as bf16 runs are
+    assert rows["reference"]["warmup_s"] > 0 and len(rows["reference"]["losses"]) == 3
+    for a, b in zip(rows["optimized"]["losses"], rows["reference"]["losses"], strict=True):
+        assert a == pytest.approx(b, rel=3e-2)

@@ -298,3 +298,27 @@ def test_stray_temporary_checkpoint_directories_are_cleaned_on_the_next_run(tmp_
     assert run_cli(resume_argv(run, stop_at=4)).rc == 0
     assert dirs(root, ".tmp-") == [] and dirs(root, ".old-") == []
     assert find_checkpoint(run) == root / "step_00000004"
+
+
+def test_a_partial_last_line_is_ended_before_a_resumed_run_appends(tmp_path):
+    """A trainer killed in the middle of a record leaves half a line in metrics.jsonl and train.log (they are
+    appended, not replaced); the resumed run starts on a line of its own, so only that half line is lost, and
+    the readers skip it."""
+    from anetrain.ui.metrics import read_metrics
+
+    run = tmp_path / "r"
+    assert run_cli(train_argv(write_model(tmp_path), valid_head_tokens(), run, steps=4, stop_at=2)).rc == 0
+    half_record, half_line = '{"type":"step","step":3,"lo', "step 3/4 | lo"
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(half_record)
+    with open(run / "train.log", "a", encoding="utf-8") as f:
+        f.write(half_line)
+    res = run_cli(resume_argv(run))
+    assert res.rc == 0, res.err
+    lines = (run / "metrics.jsonl").read_text("utf-8").splitlines()
+    assert half_record in lines  # on a line of its own
+    assert [r["start_step"] for r in records(run, "run")] == [0, 2]
+    assert list(step_values(run, "loss")) == [1, 2, 3, 4]
+    assert len(read_metrics(run / "metrics.jsonl")) == len(lines) - 1  # every line but the half one
+    log = (run / "train.log").read_text("utf-8").splitlines()
+    assert log[log.index(half_line) + 1].startswith("resuming from ")

@@ -1,4 +1,7 @@
-"""Generation: the KV-cache forward against full recomputation, run.c's sampler and loop, the golden text."""
+"""Generation: the decoders against full recomputation, run.c's sampler and loop, the golden text.
+
+Both decoders are checked: the native CPU kernels (``NativeDecoder``, built at first use) and the torch
+operators (``TorchDecoder``, the fallback, and the only one for float64)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,17 @@ import torch
 from anetrain.config import deepnet_alpha, make_config
 from anetrain.errors import AnetrainError, InputError
 from anetrain.formats import load_model
-from anetrain.generate import KVCacheDecoder, Sampler, XorShiftRng, generate, stream
+from anetrain.generate import (
+    DecodeWeights,
+    NativeDecoder,
+    Sampler,
+    TorchDecoder,
+    XorShiftRng,
+    generate,
+    make_decoder,
+    stream,
+)
+from anetrain.generate.native import sample_logits_native
 from anetrain.params import ModelParams, init_params
 from anetrain.reference import ReferenceModel
 from anetrain.tokenizer import load_tokenizer
@@ -27,6 +40,16 @@ EXPECTED = (
     b" ball, but I can't find it.\"\nLily was sad and didn't know what to do. She said, \"I'm sorry, Lily. I"
     b" didn't know what to do.\"\nLily didn't want to help her mom, so she"
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The torch decoder on one thread: tiny models on two threads of a busy machine crawl (native: see
+    test_threads_give_identical_results for two threads)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +89,27 @@ SMALL_MODELS = {
 
 # ---- the forward pass with a KV cache ---------------------------------------------------------------
 
+DECODERS = ["native", "native-generic", "torch"]
+
+
+def make(
+    params: ModelParams,
+    kind: str,
+    dtype: str = "fp32",
+    n_streams: int = 1,
+    cache_len: int | None = None,
+    threads: int = 1,
+):
+    w = DecodeWeights.from_params(params, dtype)
+    if kind == "torch":
+        return TorchDecoder(w, n_streams, cache_len)
+    variant = "generic" if kind == "native-generic" else "native"
+    return NativeDecoder(w, n_streams, cache_len, threads=threads, variant=variant)
+
+
+def one_at_a_time(dec, tokens: list[int]) -> np.ndarray:
+    return np.concatenate([dec.forward([t], [0], [p], [0]) for p, t in enumerate(tokens)])
+
 
 @pytest.mark.parametrize("name", list(SMALL_MODELS))
 def test_kv_cache_equals_full_recompute_float64(name: str) -> None:
@@ -73,11 +117,66 @@ def test_kv_cache_equals_full_recompute_float64(name: str) -> None:
     tokens = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(1))
     ref = ReferenceModel.from_params(params, dtype=torch.float64)
     with torch.no_grad():
-        full = ref(tokens[None])[0]  # [S, V]: position t sees tokens 0..t
-    dec = KVCacheDecoder(params, dtype=torch.float64)
-    cached = torch.stack([dec.step(int(t)) for t in tokens])
-    assert full.abs().max() > 1.0  # logits are not trivially small
-    torch.testing.assert_close(cached, full, rtol=0, atol=1e-9)
+        full = ref(tokens[None])[0].numpy()  # [S, V]: position t sees tokens 0..t
+    assert np.abs(full).max() > 1.0  # logits are not trivially small
+    dec = TorchDecoder(DecodeWeights.from_params(params, "fp64"))
+    np.testing.assert_allclose(one_at_a_time(dec, tokens.tolist()), full, rtol=0, atol=1e-9)
+    dec = TorchDecoder(DecodeWeights.from_params(params, "fp64"))  # the prompt in one pass: the same
+    np.testing.assert_allclose(dec.forward(tokens.tolist(), [0] * 40, range(40), range(40)), full, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+@pytest.mark.parametrize("name", list(SMALL_MODELS))
+def test_float32_decoders_equal_full_recompute(name: str, kind: str) -> None:
+    """GQA, head_dim != D/H, untied classifier, residual scale: token by token and as one prefill, the float32
+    decoders (native AVX-512, native portable, torch) agree with float64 recomputation."""
+    params = random_params(**SMALL_MODELS[name])
+    tokens = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = ReferenceModel.from_params(params, dtype=torch.float64)(tokens[None])[0].numpy()
+    np.testing.assert_allclose(one_at_a_time(make(params, kind), tokens.tolist()), full, rtol=0, atol=2e-5)
+    prefill = make(params, kind).forward(tokens.tolist(), [0] * 40, list(range(40)), list(range(40)))
+    np.testing.assert_allclose(prefill, full, rtol=0, atol=2e-5)
+
+
+def test_long_prompts_are_fed_in_chunks() -> None:
+    """A prompt longer than the native decoder's 64-row workspace is fed in chunks: same logits as torch's."""
+    params = random_params(**{**SMALL_MODELS["mha-untied"], "seq_len": 160})
+    tokens = np.random.default_rng(9).integers(0, 64, 150).tolist()
+    rows = list(range(150))
+    native = make(params, "native").forward(tokens, [0] * 150, rows, [0, 63, 64, 127, 128, 149])
+    torch_ = make(params, "torch").forward(tokens, [0] * 150, rows, [0, 63, 64, 127, 128, 149])
+    np.testing.assert_allclose(native, torch_, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_streams_are_independent(kind: str) -> None:
+    """A batch of streams at different positions gives each stream what it would get alone."""
+    params = random_params(**SMALL_MODELS["gqa-alpha"])
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(0, 64, n).tolist() for n in (7, 12, 3)]
+    alone = [one_at_a_time(make(params, kind), s) for s in seqs]
+    dec = make(params, kind, n_streams=3)
+    for s, seq in enumerate(seqs):  # prefill each stream but its last token
+        dec.forward(seq[:-1], [s] * (len(seq) - 1), list(range(len(seq) - 1)))
+    last = dec.forward([q[-1] for q in seqs], [0, 1, 2], [len(q) - 1 for q in seqs], [0, 1, 2])
+    np.testing.assert_allclose(last, np.stack([a[-1] for a in alone]), rtol=0, atol=1e-5)
+    dec.copy_stream(2, 0, 2)  # stream 0 continues stream 2's first two positions
+    np.testing.assert_allclose(dec.forward([seqs[2][2]], [0], [2], [0])[0], alone[2][2], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_threads_give_identical_results(dtype: str) -> None:
+    """Two threads split the work differently but compute every number the same way: bitwise equal."""
+    params = random_params(**SMALL_MODELS["head-dim-gqa-deepnet"])
+    tokens = np.random.default_rng(5).integers(0, 64, 30).tolist()
+    out = []
+    for threads in (1, 2):
+        dec = make(params, "native", dtype, n_streams=2, threads=threads)
+        first = dec.forward(tokens, [0] * 30, list(range(30)), list(range(30)))
+        dec.copy_stream(0, 1, 30)
+        out.append(np.concatenate([first, dec.forward([3, 4], [0, 1], [30, 30], [0, 1])]))
+    assert np.array_equal(out[0], out[1])
 
 
 def test_stories260k_float32_is_accurate_well_inside_the_near_tie(stories260k) -> None:
@@ -86,24 +185,25 @@ def test_stories260k_float32_is_accurate_well_inside_the_near_tie(stories260k) -
     seq = torch.tensor(tokens.tokens[:200])
     with torch.no_grad():
         exact = ReferenceModel.from_params(stories260k.params, dtype=torch.float64)(seq[None])[0]
-    dec = KVCacheDecoder(stories260k.params)  # float32
-    approx = torch.stack([dec.step(int(t)) for t in seq]).double()
     top2 = exact.topk(2, dim=-1).values
     margin = top2[:, 0] - top2[:, 1]
     assert 0.003 < float(margin.min()) < 0.005 and int(margin.argmin()) == 185
-    assert float((approx - exact).abs().max()) < 1e-4
-    assert torch.equal(approx.argmax(-1), exact.argmax(-1))
+    for kind in DECODERS:
+        approx = torch.from_numpy(one_at_a_time(make(stories260k.params, kind), seq.tolist())).double()
+        assert float((approx - exact).abs().max()) < 1e-4, kind
+        assert torch.equal(approx.argmax(-1), exact.argmax(-1)), kind
 
 
-def test_context_is_limited_to_seq_len() -> None:
+@pytest.mark.parametrize("kind", DECODERS)
+def test_context_is_limited_to_seq_len(kind: str) -> None:
     params = random_params(**{**SMALL_MODELS["gqa-alpha"], "seq_len": 4})
-    dec = KVCacheDecoder(params)
+    dec = make(params, kind)
     for t in range(4):
-        dec.step(t)
+        dec.forward([t], [0], [t])
     with pytest.raises(AnetrainError, match="context is full"):
-        dec.step(0)
+        dec.forward([0], [0], [4])
     with pytest.raises(AnetrainError, match="outside the model's vocabulary"):
-        KVCacheDecoder(params).step(64)
+        make(params, kind).forward([64], [0], [0])
 
 
 def test_per_token_time_does_not_grow_with_position() -> None:
@@ -113,11 +213,11 @@ def test_per_token_time_does_not_grow_with_position() -> None:
     )
     ratios = []
     for _attempt in range(3):
-        dec = KVCacheDecoder(params)
+        dec = make_decoder(DecodeWeights.from_params(params), 1, 256)
         times = []
         for pos in range(211):
             t0 = time.perf_counter()
-            dec.step(pos % 256)
+            dec.forward([pos % 256], [0], [pos], [0])
             times.append(time.perf_counter() - t0)
         ratios.append(statistics.median(times[200:211]) / statistics.median(times[10:21]))
         if ratios[-1] < 3:
@@ -155,6 +255,26 @@ def test_sampler_matches_runc(key) -> None:
     temperature, top_p, seed = key
     sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)
     assert [sampler.sample(SMALL_LOGITS) for _ in range(20)] == C_DRAWS[key]
+    state = np.array([seed], dtype=np.uint64)  # the native sampler, one draw at a time
+    assert [
+        sample_logits_native(SMALL_LOGITS, temperature, top_p, 0, state)[0] for _ in range(20)
+    ] == C_DRAWS[key]
+
+
+@pytest.mark.parametrize(
+    "settings", [(1.0, 0.9, 0), (0.8, 0.0, 0), (1.2, 0.95, 40), (0.7, 1.0, 5), (0.0, 0.9, 0)]
+)
+def test_native_sampler_equals_python_sampler(settings) -> None:
+    """Over vocabulary-sized logits (with ties), the C sampler draws what the Python one does."""
+    temperature, top_p, top_k = settings
+    rng = np.random.default_rng(11)
+    logits = rng.normal(0, 3, (200, 2000)).astype(np.float32)
+    logits[:, 100:110] = logits[:, 5:6]  # equal logits: top-k and sorting keep index order
+    seeds = rng.integers(1, 2**63, 200, dtype=np.uint64)
+    want = [
+        Sampler(temperature, top_p, top_k, int(s)).sample(row) for row, s in zip(logits, seeds, strict=True)
+    ]
+    assert sample_logits_native(logits, temperature, top_p, top_k, seeds.copy()) == want
 
 
 def test_temperature_zero_is_first_argmax() -> None:
@@ -186,9 +306,12 @@ def test_bad_sampling_settings_are_refused() -> None:
 # ---- the generation loop -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_greedy_golden_text(stories260k, tok512, dtype) -> None:
-    r = generate(stories260k.params, tok512, steps=200, temperature=0, dtype=dtype)
+@pytest.mark.parametrize(
+    ("dtype", "backend"), [(torch.float32, "native"), (torch.float32, "torch"), (torch.float64, "auto")]
+)
+def test_greedy_golden_text(stories260k, tok512, dtype, backend) -> None:
+    r = generate(stories260k.params, tok512, steps=200, temperature=0, dtype=dtype, backend=backend)
+    assert r.stats is not None and r.stats.backend.startswith("native" if backend == "native" else "torch")
     assert r.text.encode("utf-8") == EXPECTED
     assert len(r.tokens) == 201 and r.tokens[0] == 1 and 1 not in r.tokens[1:]
     assert r.tokens_per_s > 0

@@ -324,3 +324,26 @@ def test_zero_grad_then_accumulation_equals_the_baseline(tied, compact, dtype, d
     tol = 1e-5 if dtype == "fp32" else 2e-2
     for name in base.grads.tensors:
         assert rel(opt.grads[name], base.grads[name]) < tol, name
+
+
+def test_phase_times_count_in_line_dw_once_and_never_go_negative(monkeypatch):
+    """With dW run in line (SerialDW), each job's time is taken out of the phase it ran in and counted as dW:
+    the classifier's job runs inside the forward phase, the layers' inside backward_dx. Slow jobs (a sleep)
+    make a wrong attribution show as a negative phase."""
+    import time
+
+    real_submit = SerialDW.submit
+
+    def slow_submit(self, fn, *args):
+        return real_submit(self, lambda *a: (time.sleep(0.02), fn(*a)), *args)
+
+    monkeypatch.setattr(SerialDW, "submit", slow_submit)
+    (w,) = windows(CFG, 1)
+    pipe = OptimizedPipeline(init_params(CFG), dtype="bf16", dw="serial")
+    pipe.forward_backward(w)
+    pipe.times.reset()
+    pipe.forward_backward(w)
+    phases = pipe.times.reset()
+    jobs = 1 + 4 * CFG.n_layers + 1  # classifier, 4 per layer (w2, w13, wo, qkv), embedding
+    assert phases["dw"] >= 20.0 * jobs
+    assert all(v >= 0 for v in phases.values()), phases

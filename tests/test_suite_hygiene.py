@@ -3,6 +3,7 @@ and no test hides an import error of anetrain's own modules behind a skip."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -68,3 +69,43 @@ def test_no_test_skips_on_an_import_of_anetrain_itself():
         if re.search(r"importorskip\(\s*['\"]anetrain", text):
             offenders.append(path.name)
     assert offenders == []
+
+
+def _classes(package: Path) -> list[tuple[str, ast.ClassDef]]:
+    found = []
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        found += [(path.name, node) for node in tree.body if isinstance(node, ast.ClassDef)]
+    return found
+
+
+def test_train_classes_are_short_and_make_their_attributes_in_init():
+    """The trainer is components (issue: no class in train/ longer than about 300 lines), and every attribute
+    a class gives itself is made in its __init__ (or declared on the class), so reading __init__ tells what an
+    object holds."""
+    for name, cls in _classes(REPO / "src" / "anetrain" / "train"):
+        assert cls.end_lineno - cls.lineno < 300, f"{name}: {cls.name} is {cls.end_lineno - cls.lineno} lines"
+        declared = {
+            t.id
+            for node in cls.body
+            if isinstance(node, ast.AnnAssign | ast.Assign)
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(t, ast.Name)
+        }
+        made: dict[str, set[str]] = {}
+        for fn in cls.body:
+            if isinstance(fn, ast.FunctionDef):
+                for node in ast.walk(fn):
+                    targets = (
+                        node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+                    )
+                    for t in targets:
+                        if (
+                            isinstance(t, ast.Attribute)
+                            and isinstance(t.value, ast.Name)
+                            and t.value.id == "self"
+                        ):
+                            made.setdefault(fn.name, set()).add(t.attr)
+        in_init = made.pop("__init__", set()) | declared
+        for method, attrs in made.items():
+            assert attrs <= in_init, f"{name}: {cls.name}.{method} makes {sorted(attrs - in_init)}"

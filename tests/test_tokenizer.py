@@ -1,6 +1,6 @@
 """llama2.c tokenizer.bin reading, run.c encoding/decoding, sentencepiece parity and export, bad files.
 
-Parity notes (formats-and-peers.md §1b): on the 4,300 TinyStories validation paragraphs, run.c-style
+Parity notes: on the 4,300 TinyStories validation paragraphs, run.c-style
 encoding with the Llama-2 tokenizer.bin gives exactly sentencepiece's ids (tokenizer.model). With tok512 it
 differs on exactly the paragraphs that contain a run of spaces: tok512.model keeps sentencepiece's default
 whitespace normalization (runs of spaces collapse to one), while run.c encodes every space. Collapsing the

@@ -50,10 +50,11 @@ def test_embedded_default_unpacks_its_text_trains_reports_and_tells_a_story(tmp_
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     small = ["--steps", "24", "--batch", "4", "--seq", "64", "--warmup", "4", "--eval-batches", "4"]
-    res = run_cli(["train", "--out", str(run), "--peak-tflops", "1", "--threads", "1", *small])
+    small += ["--sample-tokens", "60", "--peak-tflops", "1", "--threads", "1"]
+    res = run_cli(["train", "--out", str(run), *small])
     assert res.rc == 0, res.err
     data = cache_dir()
-    assert data.parent == tmp_path / "cache" / "anetrain"
+    assert data == tmp_path / "cache" / "anetrain" / "embedded-v2-tinystories-vocab512"
     corpus = (data / "stories.txt").read_text("ascii")
     assert corpus == bz2.decompress(EXCERPT.read_bytes()).decode("ascii")
     assert corpus.startswith("Spot. Spot saw the shiny car and said,") and corpus.count("\n\n") == 4300 - 1
@@ -80,9 +81,7 @@ def test_embedded_default_unpacks_its_text_trains_reports_and_tells_a_story(tmp_
     assert "unpacking the embedded TinyStories excerpt (CDLA-Sharing-1.0)" in res.err
     for line in ("=== Efficiency Report ===", "sample at step 24:", f"run directory: {run}"):
         assert line in res.out
-    again = run_cli(
-        ["train", "--out", str(tmp_path / "again"), "--steps", "1", "--eval-every", "0", *small[2:]]
-    )
+    again = run_cli(["train", "--out", str(tmp_path / "again"), *small, "--steps", "1", "--eval-every", "0"])
     assert again.rc == 0, again.err
     assert "unpacking" not in again.err and "tokenized" not in again.err  # the cached data is reused
 

@@ -11,6 +11,7 @@ import pytest
 from anetrain.checkpoint import find_checkpoint, verify_checkpoint
 from anetrain.config import PRESETS, make_config
 from anetrain.telemetry.flops import training_flops_per_sequence
+from helpers.data import shared_file
 from helpers.train import (
     BASELINE,
     BATCH,
@@ -287,3 +288,16 @@ def test_compact_vocab_trains_and_the_report_says_the_loss_is_compacted(tmp_path
     assert report["loss_compacted"] is True
     losses = step_values(tmp_path / "r", "loss")
     assert len(losses) == 3 and all(0 < v < math.log(run["compact_vocab"]) + 1 for v in losses.values())
+
+
+def test_samples_every_sample_every_steps_and_one_at_the_end(tmp_path):
+    """--sample-every 2 over 4 steps: samples at steps 2 and 4 (the end's sample is that same one, not a
+    second), each generated text decoded by the run's tokenizer."""
+    run = tmp_path / "r"
+    argv = train_argv(write_model(tmp_path), valid_head_tokens(), run, steps=4, eval_every=0, sample_every=2)
+    res = run_cli([*argv, "--tokenizer", str(shared_file("tok512.bin")), "--sample-tokens", "20"])
+    assert res.rc == 0, res.err
+    samples = records(run, "sample")
+    assert [r["step"] for r in samples] == [2, 4]
+    assert all(isinstance(r["text"], str) for r in samples)
+    assert res.err.count("sample at step 4:") == 1

@@ -3,6 +3,11 @@
 :func:`atomic_write` writes to a temporary file in the destination's directory, flushes and fsyncs it, then
 renames it over the destination (atomic on POSIX) and fsyncs the directory. If anything fails, the temporary
 file is removed and the previous file, if any, is untouched.
+
+Files that grow one line per record (metrics.jsonl, train.log) are appended instead, each record flushed as
+it is written; a writer killed in the middle of a record leaves a partial last line, which
+:func:`open_for_append` ends before the next writer appends, so only that one line is lost (and readers skip
+it).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 from .errors import AnetrainError, InputError
 
@@ -226,3 +231,21 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def end_partial_line(path: str | os.PathLike[str]) -> None:
+    """If a line-per-record file ends without a newline (its writer was killed mid-record), end that line."""
+    try:
+        with open(path, "rb+") as f:
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+    except OSError:  # absent (nothing to end), or a full disk (the appender reports it)
+        pass
+
+
+def open_for_append(path: str | os.PathLike[str]) -> TextIO:
+    """A line-per-record text file (UTF-8) opened for appending, a partial last line ended first."""
+    end_partial_line(path)
+    return open(path, "a", encoding="utf-8")

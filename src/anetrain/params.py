@@ -253,8 +253,8 @@ def init_params(cfg: ModelConfig, scheme: str = "llama2c", seed: int = 1337) -> 
     ``llama2c``: every matrix and the embedding ~ N(0, 0.02); then wo and w3 (llama2.c's choice, not w2)
     ~ N(0, 0.02/sqrt(2L)); norm gains 1. Reproducible from ``seed`` (torch's CPU generator).
 
-    ``original``: the original trainer's dynamic-pipeline ``--scratch`` init (seed-system.md 1.3), drawn
-    from drand48 seeded with ``seed`` in its order: per layer Wq, Wk, Wv (u/sqrt(D)), Wo
+    ``original``: the original trainer's dynamic-pipeline ``--scratch`` init (docs/original.md section 6),
+    drawn from drand48 seeded with ``seed`` in its order: per layer Wq, Wk, Wv (u/sqrt(D)), Wo
     (u/sqrt(Dq)/sqrt(2L)), W1 (u/sqrt(F)), W2 (u/sqrt(D)/sqrt(2L)), W3 (u/sqrt(F)); then E (0.02 u), with
     u = 2*drand48() - 1. Use seed 42 to reproduce the original exactly.
 

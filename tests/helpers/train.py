@@ -158,13 +158,16 @@ def error_line(result: CliResult, *, after_log: bool = False) -> str:
 
 
 def records(run_dir: Path | str, kind: str | None = None) -> list[dict[str, Any]]:
-    """The records of RUN_DIR/metrics.jsonl (of one type when ``kind`` is given)."""
+    """The records of RUN_DIR/metrics.jsonl (of one type when ``kind`` is given), read as the contract says
+    readers must: a line that is not a whole record (a killed writer's last one) is skipped."""
     out = []
     for line in (Path(run_dir) / "metrics.jsonl").read_text("utf-8").splitlines():
-        if line.strip():
+        try:
             rec = json.loads(line)
-            if kind is None or rec["type"] == kind:
-                out.append(rec)
+        except ValueError:
+            continue
+        if kind is None or rec["type"] == kind:
+            out.append(rec)
     return out
 
 

@@ -1,7 +1,7 @@
 """Per-chip MIL dialects: program version, opset, scalar syntax, surface alignment.
 
-The in-memory ANE compiler does not accept the same text on every chip (ane-landscape.md 1.1, maderix/ANE
-PR #6 and #35):
+The in-memory ANE compiler does not accept the same text on every chip (docs/ane.md, appendix A.7;
+maderix/ANE PR #6 and #35):
 
 * M1/M2 need ``program(1.0)`` with ``func main<ios16>`` and the verbose scalar syntax, where every scalar is
   a rank-0 tensor: ``tensor<string, []>("x")``, ``tensor<bool, []>(true)``; their ANE also rejects ``cast``,

@@ -368,7 +368,7 @@ def _dyn_matmul_program(ic: int, oc: int, seq: int) -> Graph:
     return w.graph(_dyn_matmul(w, "mm", ic, oc, seq, 0, seq, x))
 
 
-def _rope_consts(w: _Writer, s: _Shape, consts: dict[str, Var]) -> None:
+def _rope_consts(w: _Writer, consts: dict[str, Var]) -> None:
     """The pair-slicing constants shared by both rotations (declared among q's, as the original does)."""
     consts["rp_b0"] = w.ints("rp_b0", [0, 0, 0, 0])
     consts["rp_b1"] = w.ints("rp_b1", [0, 0, 0, 1])
@@ -448,7 +448,7 @@ def _sdpa_fwd(s: _Shape, faithful_gqa: bool) -> Graph:
     pairs = s.SEQ * s.HD // 2
     rp_sh = w.ints("rp_sh", [1, s.HEADS, pairs, 2])
     rp_s1 = w.ints("rp_s1", [1, s.HEADS, pairs, 1])
-    _rope_consts(w, s, consts)
+    _rope_consts(w, consts)
     rp_bk_q = w.ints("rp_bk_q", [1, s.HEADS, s.SEQ, s.HD])
     q_rope = _rope(w, q, rp_sh, rp_s1, rp_bk_q, consts, "q")  # [1, H, S, HD]
     rp_sh_k = w.ints("rp_sh_k", [1, s.KV_HEADS, pairs, 2])
@@ -708,7 +708,8 @@ def original_programs(dims: Dims, faithful_gqa: bool = False) -> dict[str, Origi
     s = _Shape.of(dims)
     D, F, S, Dq, Dkv, HS = dims.D, dims.F, dims.S, dims.Dq, dims.Dkv, dims.HS
     T, N = True, False  # stored transposed (W^T: [in, out]) or as it is ([out, in])
-    specs = [
+    # (name, doc, graph, where each input operand sits in x, the outputs in their order along the channels)
+    specs: list[tuple[str, str, Graph, dict[str, Placement], list[tuple[str, Axis]]]] = [
         (
             "sdpa_fwd",
             "QKV projections, RoPE, K/V tiled to the query heads, causal attention",
@@ -794,8 +795,8 @@ def original_programs(dims: Dims, faithful_gqa: bool = False) -> dict[str, Origi
     ]
     progs = {}
     for name, doc, graph, ins, outs in specs:
-        out_places = _along_channels(outs, S, graph.outputs[0].name)  # type: ignore[arg-type]
-        progs[name] = OriginalProgram(name, ORIGINAL_NAMES[name], doc, graph, ins, out_places)  # type: ignore[arg-type]
+        out_places = _along_channels(outs, S, graph.outputs[0].name)
+        progs[name] = OriginalProgram(name, ORIGINAL_NAMES[name], doc, graph, ins, out_places)
         _check_layout(progs[name])
     return progs
 

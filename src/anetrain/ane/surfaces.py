@@ -9,7 +9,8 @@ Operands. A kernel's logical operands are 2-D: activations ``[C, S]``, weights `
 program tensor (offset ``c0, w0``, padded per :mod:`.shapes`, possibly stored transposed). With separate
 inputs each operand is its own tensor; with the packed convention all of them share one surface.
 
-Binding rules (ane-landscape.md 2.2, maderix/ANE #47, Orion's constraints):
+Binding rules for several surfaces (docs/ane.md, appendix A.7; maderix/ANE #47, Orion's constraints; only
+anetrain's never-run ``separate`` form has several):
 
 * inputs and outputs bind in **alphabetical order of their MIL names** (we also declare them in that
   order, so declaration order and binding order agree);

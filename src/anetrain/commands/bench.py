@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+from ..errors import ConfigError
 
 ORDER = 50
 
@@ -32,9 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--repeat",
         type=int,
-        default=1,
+        default=None,
         help="rounds over the rows, round-robin, their timed steps pooled (steadier ratios on a noisy "
-        "machine)",
+        "machine); default 1, with --generate 3 (medians)",
     )
     p.add_argument(
         "--warmup",
@@ -88,13 +91,73 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=1337, help="seed for the weights and the token windows")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    g = p.add_argument_group(
+        "generation (--generate)",
+        "Text generation instead of training: prefill and decode tok/s of anetrain generate's decoder per "
+        "--gen-dtypes and --gen-streams, and compiled llama2.c run.c / runq.c on the same model file. "
+        "--model is a preset (random-init weights, BOS row zeroed so greedy decoding never stops) or a model "
+        "file; --repeat rounds over every row, medians reported.",
+    )
+    g.add_argument("--generate", action="store_true", help="benchmark generation instead of training")
+    g.add_argument("--gen-dtypes", default="fp32,bf16,int8", help="comma-separated weight precisions")
+    g.add_argument("--gen-streams", default="1,8", help="comma-separated numbers of streams decoded at once")
+    g.add_argument("--gen-steps", type=int, default=256, help="positions per run, BOS included (run.c's -n)")
+    g.add_argument("--gen-prompt", type=int, default=128, help="tokens in the timed prefill")
+    g.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: torch's); also the peers'"
+    )
+    g.add_argument("--gen-backend", default="auto", choices=("auto", "native", "torch"), help="decoder")
+    g.add_argument("--peer-runc", metavar="BIN", help="a compiled llama2.c run.c to run on the same model")
+    g.add_argument("--peer-runq", metavar="BIN", help="a compiled llama2.c runq.c to run on the same model")
+    g.add_argument("--tokenizer", metavar="FILE", help="tokenizer.bin for the peers")
     p.set_defaults(func=run)
+
+
+def _generation_bench(args: argparse.Namespace) -> int:
+    from ..fsutil import atomic_write_text
+    from ..generate.bench import GenBenchConfig, format_generation_table, run_generation_bench
+
+    def ints(text: str, what: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+    bc = GenBenchConfig(
+        model=args.model,
+        dtypes=tuple(d.strip() for d in args.gen_dtypes.split(",") if d.strip()),
+        streams=ints(args.gen_streams, "--gen-streams"),
+        steps=args.gen_steps,
+        prompt=args.gen_prompt,
+        repeat=3 if args.repeat is None else args.repeat,
+        threads=args.threads,
+        backend=args.gen_backend,
+        seed=args.seed,
+        peer_runc=args.peer_runc,
+        peer_runq=args.peer_runq,
+        tokenizer=args.tokenizer,
+    )
+    result = run_generation_bench(bc, lambda line: print(line, file=sys.stderr, flush=True))
+    m = result["machine"]
+    print(
+        f"{result['config']['model']}: {result['config']['steps']} positions, greedy, prefill of "
+        f"{result['config']['prompt']} tokens; {m['cpu']} ({m['threads']} threads), "
+        f"native kernels: {m['native']}"
+    )
+    print(format_generation_table(result))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from ..bench import BenchConfig, format_table, run_bench, write_json
     from ..config import resolve_config
-    from ..errors import ConfigError
+
+    if args.generate:
+        return _generation_bench(args)
+    if args.repeat is None:
+        args.repeat = 1
 
     for name in ("batch", "seq", "accum", "steps", "repeat"):
         if getattr(args, name) <= 0:
@@ -136,8 +199,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _ane_bench(args: argparse.Namespace, cfg: object, warmup: int) -> int:
     """The Neural Engine pipeline alone, reported as the original trainer reports it."""
-    import json
-
     from ..ane.bench import format_ane_report, run_ane_bench
     from ..fsutil import atomic_write_text
 

@@ -234,6 +234,7 @@ def _under_torchrun(given: dict[str, Any], default_run_dir: Any) -> int:
 def _with_dashboard(given: dict[str, Any], default_run_dir: Any) -> int:
     """Run the same training command as a child process and show the dashboard on its run directory."""
     from ..errors import AnetrainError
+    from ..fsutil import end_partial_line
 
     try:
         from ..ui.dashboard import run_dashboard
@@ -255,6 +256,7 @@ def _with_dashboard(given: dict[str, Any], default_run_dir: Any) -> int:
     # The child's stdout and stderr are train.log itself, so tracebacks show in the dashboard's log panel;
     # ANETRAIN_STDERR_IS_LOG makes the child write each log line once.
     env = {**os.environ, "ANETRAIN_STDERR_IS_LOG": "1"}
+    end_partial_line(run_dir / "train.log")  # a killed earlier trainer's last line
     with open(run_dir / "train.log", "ab") as out:
         child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     return run_dashboard(run_dir, child)

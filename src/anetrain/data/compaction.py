@@ -1,4 +1,4 @@
-"""Vocabulary compaction, as the original's dynamic pipeline does it (seed-system.md 6.3).
+"""Vocabulary compaction, as the original's dynamic pipeline does it (docs/original.md section 4).
 
 Every token id that occurs in the data is marked; compact ids are assigned in increasing full-id order. The
 classifier then computes logits only for those CV ids (its weight is ``W[ids]``), so the softmax normalizes

@@ -33,7 +33,6 @@ __all__ = [
     "LoadedModel",
     "detect_format",
     "load_model",
-    "model_tokenizer",
     "read_llama2c",
     "save_model",
 ]
@@ -95,19 +94,6 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
             path,
             f"not a recognized model file: no BLZT or llama2.c v1/v2 magic, and as llama2.c v0: {e.problem}",
         ) from None
-
-
-def model_tokenizer(path: str | os.PathLike[str]) -> str:
-    """The tokenizer to use with the model at ``path`` when none was given: the one its run was trained
-    with (a run directory, or a checkpoint or pointer in one); raises ConfigError when there is none."""
-    from ..checkpoint import run_tokenizer
-
-    found = run_tokenizer(path)
-    if found is None:
-        raise ConfigError(
-            f"give --tokenizer: {path} is not a run directory whose config.json names an existing tokenizer"
-        )
-    return str(found)
 
 
 def read_anetrain_checkpoint(path: str | os.PathLike[str], run_dir: bool = False) -> LoadedModel:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import InputError
 from ..fsutil import atomic_write
-from ..params import ModelParams, fold_residual_scale
+from ..params import ModelParams, fold_residual_scale, param_specs
 from .common import (
     LoadedModel,
     config_or_input_error,
@@ -165,7 +166,7 @@ def _read_v0(path: str | os.PathLike[str], raw: np.ndarray) -> LoadedModel:
     return LoadedModel(cfg=cfg, params=params, format="llama2c-v0")
 
 
-def _read_v12(path: str | os.PathLike[str], raw: np.ndarray) -> LoadedModel:
+def _v12_config(path: str | os.PathLike[str], raw: np.ndarray) -> ModelConfig:
     if raw.size < HEADER_SIZE:
         raise InputError(path, f"truncated: {raw.size} bytes is shorter than the 256-byte llama2.c header")
     _, version, dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len, shared = V12_PREFIX.unpack(
@@ -175,7 +176,7 @@ def _read_v12(path: str | os.PathLike[str], raw: np.ndarray) -> LoadedModel:
         raise InputError(path, f"unknown llama2.c format version {version} (known: 0, 1, 2)")
     if shared not in (0, 1):
         raise InputError(path, f"shared-classifier flag is {shared}, expected 0 or 1")
-    cfg = config_or_input_error(
+    return config_or_input_error(
         path,
         f"llama2.c v{version} header",
         dim=dim,
@@ -188,6 +189,11 @@ def _read_v12(path: str | os.PathLike[str], raw: np.ndarray) -> LoadedModel:
         tied_classifier=bool(shared),
         name=Path(path).name,
     )
+
+
+def _read_v12(path: str | os.PathLike[str], raw: np.ndarray) -> LoadedModel:
+    cfg = _v12_config(path, raw)
+    version = int(raw[4:8].view("<i4")[0])
     if version == 1:
         expected = v1_file_size(cfg)
         if raw.size != expected:
@@ -202,14 +208,15 @@ def _read_v12(path: str | os.PathLike[str], raw: np.ndarray) -> LoadedModel:
     return _read_v2(path, raw, cfg)
 
 
-def _read_v2(path: str | os.PathLike[str], raw: np.ndarray, cfg: ModelConfig) -> LoadedModel:
+def _v2_check(path: str | os.PathLike[str], raw: np.ndarray, cfg: ModelConfig) -> int:
+    """The group size of a v2 file after checking it and the file's size; raises InputError."""
     (gs,) = GROUP_SIZE.unpack(raw[V12_PREFIX.size : V12_PREFIX.size + 4].tobytes())
     if gs <= 0:
         raise InputError(path, f"Q8_0 group size {gs} must be positive")
-    # arithmetic only: the header is checked against the file before anything is allocated
-    for kind, numel in _v2_quantized_sizes(cfg).items():
+    # arithmetic only: the header is checked against the file before anything is built or allocated
+    for name, numel in _v2_quantized_sizes(cfg).items():
         if numel % gs:
-            raise InputError(path, f"Q8_0 group size {gs} does not divide {kind} ({numel} elements)")
+            raise InputError(path, f"Q8_0 group size {gs} does not divide {name} ({numel} elements)")
     expected = v2_file_size(cfg, gs)
     if raw.size != expected:
         raise InputError(
@@ -217,20 +224,7 @@ def _read_v2(path: str | os.PathLike[str], raw: np.ndarray, cfg: ModelConfig) ->
             f"size {raw.size} bytes does not match its llama2.c v2 header ({cfg.shape_line()}, "
             f"group size {gs}): expected {expected}",
         )
-    quant_names = tensor_names(cfg, V2_QUANT)
-    params = ModelParams.zeros(cfg)
-    fp32_names = tensor_names(cfg, V2_FP32, classifier=False)
-    params, offset = _fill(cfg, fp32_names, raw, HEADER_SIZE)
-    for name in quant_names:
-        t = params[name]
-        n = t.numel()
-        q = torch.from_numpy(np.array(raw[offset : offset + n].view(np.int8)))
-        scale = torch.from_numpy(np.array(f32_at(raw, offset + n, n // gs), dtype=np.float32))
-        require_finite(path, scale, f"Q8_0 scales in {name}")
-        t.view(-1).copy_(dequantize_q80(q, scale, gs))
-        offset += n + 4 * (n // gs)
-    require_finite(path, params.flat)
-    return LoadedModel(cfg=cfg, params=params, format="llama2c-v2", extras={"group_size": gs})
+    return gs
 
 
 def _v2_quantized_sizes(cfg: ModelConfig) -> dict[str, int]:
@@ -241,6 +235,60 @@ def _v2_quantized_sizes(cfg: ModelConfig) -> dict[str, int]:
     numel |= {"wo": d * cfg.q_dim, "w1": f * d, "w2": d * f, "w3": f * d, "wcls": v * d}
     kinds = [*V2_QUANT, *(() if cfg.tied_classifier else ("wcls",))]
     return {KIND_NAMES[k].format(0): numel[k] for k in kinds}
+
+
+def _v2_quantized(
+    path: str | os.PathLike[str], raw: np.ndarray, cfg: ModelConfig, gs: int, offset: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The Q8_0 tensors of a v2 body from byte ``offset``: name -> (int8 values [numel], float32 scales)."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    numel = {s.name: s.numel for s in param_specs(cfg)}
+    for name in tensor_names(cfg, V2_QUANT):
+        n = numel[name]
+        q = torch.from_numpy(np.array(raw[offset : offset + n].view(np.int8)))
+        scale = torch.from_numpy(np.array(f32_at(raw, offset + n, n // gs), dtype=np.float32))
+        require_finite(path, scale, f"Q8_0 scales in {name}")
+        out[name] = (q, scale)
+        offset += n + 4 * (n // gs)
+    return out
+
+
+def _read_v2(path: str | os.PathLike[str], raw: np.ndarray, cfg: ModelConfig) -> LoadedModel:
+    gs = _v2_check(path, raw, cfg)
+    params, offset = _fill(cfg, tensor_names(cfg, V2_FP32, classifier=False), raw, HEADER_SIZE)
+    for name, (q, scale) in _v2_quantized(path, raw, cfg, gs, offset).items():
+        params[name].view(-1).copy_(dequantize_q80(q, scale, gs))
+    require_finite(path, params.flat)
+    return LoadedModel(cfg=cfg, params=params, format="llama2c-v2", extras={"group_size": gs})
+
+
+@dataclass
+class Q80Model:
+    """A llama2.c v2 file as it is stored: float32 norm gains, Q8_0 matrices (not dequantized)."""
+
+    cfg: ModelConfig
+    group_size: int
+    norms: dict[str, torch.Tensor]  # attention_norm / ffn_norm per layer, norm.weight: float32
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (int8 [numel], float32 [numel / gs])
+
+
+def read_llama2c_q80(path: str | os.PathLike[str]) -> Q80Model:
+    """Read a llama2.c version 2 file without dequantizing it (for int8 generation, as runq.c runs it)."""
+    raw = map_file(path)
+    if raw.size < HEADER_SIZE or int(raw[:4].view("<u4")[0]) != MAGIC:
+        raise InputError(path, "not a llama2.c v2 (Q8_0) file: no ak42 header")
+    version = int(raw[4:8].view("<i4")[0])
+    if version != 2:
+        raise InputError(path, f"is llama2.c version {version}, not the Q8_0 version 2")
+    cfg = _v12_config(path, raw)
+    gs = _v2_check(path, raw, cfg)
+    norms: dict[str, torch.Tensor] = {}
+    offset = HEADER_SIZE
+    for name in tensor_names(cfg, V2_FP32, classifier=False):  # every norm gain is [D]
+        norms[name] = torch.from_numpy(np.array(f32_at(raw, offset, cfg.dim), dtype=np.float32))
+        require_finite(path, norms[name], name)
+        offset += 4 * cfg.dim
+    return Q80Model(cfg, gs, norms, _v2_quantized(path, raw, cfg, gs, offset))
 
 
 def looks_like_v0(raw: np.ndarray) -> bool:

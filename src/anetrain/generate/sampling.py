@@ -104,17 +104,34 @@ class Sampler:
 
     def sample(self, logits: np.ndarray) -> int:
         """The next token for ``logits`` [V] (any float dtype; sampling itself is float32)."""
-        x = np.asarray(logits, dtype=np.float32)
-        if self.temperature == 0:
-            return int(np.argmax(x))  # first maximum
-        x = x / np.float32(self.temperature)
-        if 0 < self.top_k < len(x):
-            keep = np.argsort(-x, kind="stable")[: self.top_k]
-            masked = np.full_like(x, -np.inf)
-            masked[keep] = x[keep]
-            x = masked
-        probs = softmax_f32(x)
-        coin = self.rng.f32()
-        if self.top_p <= 0 or self.top_p >= 1:
-            return sample_mult(probs, coin)
-        return sample_topp(probs, self.top_p, coin)
+        return sample_logits(logits, self.temperature, self.top_p, self.top_k, self.rng)
+
+
+def sample_logits(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: XorShiftRng) -> int:
+    """One draw with run.c's semantics (module docstring) from ``rng`` (advanced unless greedy)."""
+    x = np.asarray(logits, dtype=np.float32)
+    if temperature == 0:
+        return int(np.argmax(x))  # first maximum
+    x = x / np.float32(temperature)
+    if 0 < top_k < len(x):
+        keep = np.argsort(-x, kind="stable")[:top_k]
+        masked = np.full_like(x, -np.inf)
+        masked[keep] = x[keep]
+        x = masked
+    probs = softmax_f32(x)
+    coin = rng.f32()
+    if top_p <= 0 or top_p >= 1:
+        return sample_mult(probs, coin)
+    return sample_topp(probs, top_p, coin)
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The xorshift state of stream ``stream`` of ``--num-samples`` from one seed: stream 0 is ``seed`` itself
+    (so one sample is what run.c draws), the others splitmix64 of (seed, stream), never 0."""
+    if stream == 0:
+        return seed & _MASK64
+    z = (seed + stream * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return z or 1

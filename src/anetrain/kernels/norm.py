@@ -12,7 +12,7 @@ Backward. With xhat = x * rstd (so y = xhat * g), and dy the upstream gradient::
     dx[t,i] = rstd[t] * (dxhat[t,i] - xhat[t,i] * mean_j(dxhat[t,j] * xhat[t,j]))
 
 which is the same as ``rstd * (g*dy - x * rstd^2/D * sum_j dy_j g_j x_j)``. The original's CPU version
-multiplies that second term by g_i once more (seed-system.md 3.3, 15.2 item 2); this one does not.
+multiplies that second term by g_i once more (docs/original.md section 9); this one does not.
 
 Statistics are computed in at least float32 (float64 stays float64) whatever the activation dtype.
 """

@@ -1,4 +1,4 @@
-"""FLOP accounting, the original's way (seed-system.md 10.2), generalized to GQA and any head_dim.
+"""FLOP accounting, the original's way (docs/original.md section 8), generalized to GQA and any head_dim.
 
 Per sequence of S tokens::
 

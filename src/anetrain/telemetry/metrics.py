@@ -1,4 +1,5 @@
-"""metrics.jsonl: one JSON object per line, appended and flushed as the run goes (docs/run-directory.md).
+"""metrics.jsonl: one JSON object per line, appended and flushed record by record as the run goes
+(docs/run-directory.md); a partial last line left by a killed writer is ended before the next one appends.
 
 Each record is one ``write`` of a whole line to a file opened for appending. A write that fails (a full
 disk) is undone (the file is cut back to its last whole line), reported once as a warning, and the run goes
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..fsutil import describe_os_error
+from ..fsutil import describe_os_error, end_partial_line
 
 
 def _clean(value: Any) -> Any:
@@ -44,7 +45,8 @@ class MetricsWriter:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            end_partial_line(self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # kept for the run
         except OSError as e:
             raise AnetrainError(f"{self.path}: cannot be written ({describe_os_error(e)})") from None
         self.start = start_time or time.time()

@@ -1,4 +1,5 @@
-"""The Efficiency Report: the original trainer's end-of-run summary (seed-system.md 10.3), for any device.
+"""The Efficiency Report: the original trainer's end-of-run summary (docs/original.md section 8), on any
+device.
 
 For a data-parallel job (``world_size`` > 1) the figures are the job's: tokens and FLOPs of all ranks, timed
 on rank 0, with the utilization against ``world_size`` devices' peak. It adds the all-reduce time per step

@@ -4,7 +4,7 @@ A llama2.c vocabulary is a list of pieces (raw bytes, with sentencepiece's "▁"
 space) and a float32 score per piece. Ids 0, 1, 2 are ``<unk>``, BOS (``"\\n<s>\\n"``) and EOS
 (``"\\n</s>\\n"``); ids 3..258 are the byte-fallback pieces ``<0x00>``..``<0xFF>``, so byte b has id b + 3.
 
-Decoding follows ``run.c`` (formats-and-peers.md §1b): a piece that follows BOS loses one leading space
+Decoding follows llama2.c's ``run.c``: a piece that follows BOS loses one leading space
 (sentencepiece's dummy prefix), and a ``<0xHH>`` piece stands for the single raw byte 0xHH.
 """
 

@@ -4,7 +4,7 @@ File layout (little-endian, no vocabulary count): int32 ``max_token_length``, th
 float32 score, int32 byte length n, n raw bytes. The reader takes the number of entries from the model
 (``vocab_size``) or reads to the end of the file.
 
-The encoder reproduces ``run.c``'s ``encode()`` exactly (formats-and-peers.md §1b): optional BOS; the id of
+The encoder reproduces llama2.c's ``run.c`` ``encode()`` exactly: optional BOS; the id of
 the piece ``" "`` as a dummy prefix when the text is not empty; one token per UTF-8 code point when the
 code point is a piece, else one byte-fallback token (byte + 3) per byte; then, repeatedly, the adjacent pair
 whose concatenation is the piece with the highest score (leftmost on ties; scores must beat -1e10) is

@@ -22,14 +22,21 @@ from .options import TrainOptions
 # Model and data resolution
 
 
+def _named_config(spec: str, alpha: str | None) -> ModelConfig | None:
+    """The config a preset name or a .toml/.json config file gives (with --residual-scale applied), or None
+    when ``spec`` names something else (a weights file)."""
+    if not (spec in PRESETS or (spec.lower().endswith((".toml", ".json")) and not Path(spec).is_dir())):
+        return None
+    cfg = PRESETS[spec] if spec in PRESETS else load_config_file(spec)
+    if alpha is not None:
+        cfg = cfg.with_(residual_scale=deepnet_alpha(cfg.n_layers) if alpha == "deepnet" else float(alpha))
+    return cfg
+
+
 def config_of_spec(spec: str, alpha: str | None = None) -> ModelConfig:
     """The config a --model spec describes (a weights file is read for its header)."""
-    if spec in PRESETS or (spec.lower().endswith((".toml", ".json")) and not Path(spec).is_dir()):
-        cfg = PRESETS[spec] if spec in PRESETS else load_config_file(spec)
-        if alpha is not None:
-            cfg = cfg.with_(
-                residual_scale=deepnet_alpha(cfg.n_layers) if alpha == "deepnet" else float(alpha)
-            )
+    cfg = _named_config(spec, alpha)
+    if cfg is not None:
         return cfg
     from ..formats import load_model
 
@@ -38,14 +45,9 @@ def config_of_spec(spec: str, alpha: str | None = None) -> ModelConfig:
 
 def resolve_model(opts: TrainOptions) -> tuple[ModelConfig, ModelParams, AdamState | None, str]:
     """(config, fresh or pretrained fp32 params, optimizer state if the file has one, description)."""
-    spec = opts.model
-    alpha = opts.residual_scale
-    if spec in PRESETS or (spec.lower().endswith((".toml", ".json")) and not Path(spec).is_dir()):
-        cfg = PRESETS[spec] if spec in PRESETS else load_config_file(spec)
-        if alpha is not None:
-            cfg = cfg.with_(
-                residual_scale=deepnet_alpha(cfg.n_layers) if alpha == "deepnet" else float(alpha)
-            )
+    spec, alpha = opts.model, opts.residual_scale
+    cfg = _named_config(spec, alpha)
+    if cfg is not None:
         return (
             cfg,
             init_params(cfg, opts.init, opts.seed),

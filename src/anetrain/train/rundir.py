@@ -22,7 +22,7 @@ from .. import __version__
 from ..config import ModelConfig
 from ..distributed import World
 from ..errors import AnetrainError
-from ..fsutil import atomic_write_text, describe_os_error
+from ..fsutil import atomic_write_text, describe_os_error, open_for_append
 from ..telemetry.metrics import MetricsWriter
 from .options import TrainOptions
 
@@ -138,7 +138,7 @@ class RunLog:
         self.path = path
         self.to_file = not os.environ.get("ANETRAIN_STDERR_IS_LOG")
         try:
-            self.file = open(path, "a", encoding="utf-8") if self.to_file else None  # noqa: SIM115
+            self.file = open_for_append(path) if self.to_file else None
         except OSError as e:
             raise AnetrainError(f"{path}: cannot be written ({describe_os_error(e)})") from None
         self.sink = sink

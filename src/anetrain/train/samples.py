@@ -37,6 +37,8 @@ class SampleWriter:
         self.tokens = tokens
         self.files = files
         self.log = log
+        self.written_at: int | None = None  # the step of the last sample (one per step at most)
+        self.last_line = ""
 
     def due(self, step: int) -> bool:
         """Every ``every`` steps, or when the dashboard asked for one (the request is taken)."""
@@ -51,6 +53,11 @@ class SampleWriter:
         """A sample from the current weights (``final``: the run's last, part of its result on stdout)."""
         if self.tokenizer is None or not self.active:
             return
+        if self.written_at == step:  # one sample per step: the one written (the result says it again)
+            if final and self.last_line:
+                self.log.result(self.last_line)
+            return
+        self.written_at = step
         from ..generate import generate
 
         params = self.pipe.params
@@ -68,5 +75,5 @@ class SampleWriter:
             seed=step,
         )
         self.files.write("sample", step=step, text=res.text)
-        line = f"sample at step {step}:\n{res.text.strip()}"
-        self.log.result(line) if final else self.log(line)
+        self.last_line = f"sample at step {step}:\n{res.text.strip()}"
+        self.log.result(self.last_line) if final else self.log(self.last_line)

@@ -330,7 +330,10 @@ class DashboardApp(App[int]):
 
         try:
             sample = generate_from_checkpoint(self.run_dir)
-            title = f"Generated text (checkpoint {sample.checkpoint.name}, step {sample.step})"
+            title = (
+                f"Generated text (checkpoint {sample.checkpoint.name}, step {sample.step}, "
+                f"{sample.tokens_per_s:.0f} tok/s)"
+            )
             text = Text(sample.text)
         except AnetrainError as e:
             title, text = "Generated text", Text(f"cannot generate: {e}", style="red")

@@ -9,7 +9,7 @@ runtime's executors drive it like any other device.
 
 Core ML decides placement itself (small graphs may stay on the CPU whatever the compute units say) and
 ``predict()`` copies every input, weights included, on each call: slower than the private route, but a
-public API (ane-landscape.md 3). Conversion works on any machine; prediction needs macOS.
+public API (docs/ane.md, appendix A.7). Conversion works on any machine; prediction needs macOS.
 """
 
 from __future__ import annotations
