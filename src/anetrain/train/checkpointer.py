@@ -22,6 +22,7 @@ from ..optim import AdamW, DynamicLossScaler
 from ..pipeline.base import Pipeline
 from .options import TrainOptions
 from .rundir import RunFiles
+from .setup import Start
 from .state import RunState, WallClock
 
 KINDS = ("periodic", "best", "final", "interrupt")
@@ -107,20 +108,20 @@ class Checkpointer:
 
 
 def resume_state(
-    manifest: dict[str, Any],
+    start: Start,
     opts: TrainOptions,
     world: World,
     sampler: WindowSampler,
     scaler: DynamicLossScaler | None,
     log: Any,
-    where: str = "the checkpoint's manifest",
 ) -> RunState:
-    """The run's state from the checkpoint it resumes, with the sampler and loss scaler restored; notes on
-    what changes when the job has another number of ranks. A manifest whose state cannot be read (edited,
-    damaged) is an InputError naming ``where``."""
+    """The run's state from the checkpoint it resumes (``start``: its manifest and the manifest's file),
+    with the sampler and loss scaler restored; notes on what changes when the job has another number of
+    ranks. A manifest whose state cannot be read (edited, damaged) is an InputError naming its file."""
     try:
-        return _resume_state(manifest, opts, world, sampler, scaler, log)
+        return _resume_state(start.manifest, opts, world, sampler, scaler, log)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        where = start.source or "the checkpoint's manifest"
         raise InputError(where, f"unreadable run state ({type(e).__name__}: {e})") from None
 
 

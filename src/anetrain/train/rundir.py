@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -247,6 +248,23 @@ def progress_printer(
                 log(line)
 
     return update
+
+
+def next_steps(run_dir: Path, unfinished: bool, has_tokenizer: bool) -> str:
+    """The end of a run's result: where the run is and the commands that use it next."""
+    d = shlex.quote(str(run_dir))
+    lines = [f"run directory: {run_dir}"]
+    if unfinished:
+        lines.append(f"  continue:  anetrain train --resume {d}")
+    tokenizer = "" if has_tokenizer else " --tokenizer TOKENIZER"
+    return "\n".join(
+        [
+            *lines,
+            f"  generate:  anetrain generate --model {d}{tokenizer} --prompt 'Once upon a time'",
+            f"  inspect:   anetrain info {d}    anetrain dashboard {d}",
+            f"  export:    anetrain export {d} model.bin --format llama2c-v0   (or --format hf)",
+        ]
+    )
 
 
 def pipeline_line(

@@ -32,6 +32,15 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
+class Stop(Exception):
+    """Raised out of the training loop when the job agreed to stop early."""
+
+
+class StepAbandoned(Stop):
+    """A stop signal arrived between the micro-steps of a single process's step: the step is dropped (its
+    gradients are partial and nothing was applied) and the run stops after the step before it."""
+
+
 class StopController:
     """Collects stop requests; :attr:`signal` is the one every rank acts on (SIGINT, SIGTERM or SIGHUP), or
     None."""
@@ -50,6 +59,21 @@ class StopController:
             self.pending = self.pending or signum
         else:
             self.signal = self.signal or signum
+
+    def rewind_point(self, sampler: Any, micro_steps: int) -> dict[str, Any] | None:
+        """The sampler's state at the start of a step that a stop signal may cut short: a single process
+        honours a signal between micro-steps (a long --accum must not make SIGTERM wait); data-parallel ranks
+        stop together after the step."""
+        if micro_steps > 1 and not self.world.active:
+            return dict(sampler.job_state([sampler.state()]))
+        return None
+
+    def between_micro_steps(self, sampler: Any, rewind: dict[str, Any] | None, step: int) -> None:
+        """Raise :class:`StepAbandoned` when a stop was asked for, with the sampler back at ``rewind`` (where
+        the step began), so that its checkpoint resumes exactly."""
+        if rewind is not None and self.signal is not None:
+            sampler.restore(rewind, step=step)
+            raise StepAbandoned
 
     def poll_control_file(self) -> None:
         """The dashboard's stop request (rank 0 watches the run directory): as SIGINT."""

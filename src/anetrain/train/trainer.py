@@ -4,10 +4,11 @@ controller (torchtitan's ``Trainer.train`` asks its checkpointer and validator t
 
 from __future__ import annotations
 
+import contextlib
 import math
-import shlex
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +25,11 @@ from ..telemetry.report import build_report, format_report
 from .checkpointer import Checkpointer, resume_state
 from .evaluator import Evaluator
 from .options import TrainOptions
-from .rundir import RunFiles, pipeline_line, progress_printer
+from .rundir import RunFiles, next_steps, pipeline_line, progress_printer
 from .samples import SampleWriter
 from .setup import build_parts, start_on_every_rank
 from .state import CommTimes, RunState, WallClock
-from .stop import EXIT_CODES, StopController
-
-
-class Stop(Exception):
-    """Raised out of the loop when the job agreed to stop early."""
-
-
-class StepAbandoned(Exception):
-    """A stop signal arrived between the micro-steps of a single process's step: the step is dropped (its
-    gradients are partial and nothing was applied) and the run stops at the step before it."""
+from .stop import EXIT_CODES, Stop, StopController
 
 
 class Trainer:
@@ -73,8 +65,7 @@ class Trainer:
         self.resumed = start.manifest is not None
         self.state = RunState()
         if start.manifest is not None:
-            where = start.source or str(run_dir)
-            self.state = resume_state(start.manifest, opts, world, self.sampler, self.scaler, log, where)
+            self.state = resume_state(start, opts, world, self.sampler, self.scaler, log)
         self.clock = WallClock(started, self.state.counters.wall_s)
         # the step's size: each rank's gradients are scaled by 1/micro_batches, so their all-reduced sum is
         # the mean over the job's micro-batches
@@ -116,15 +107,10 @@ class Trainer:
         pipe.times.reset()
         pipe.zero_grad()
         scale = self.scaler.scale if self.scaler else 1.0  # fp16: the loss scale
-        # a single process honours a stop signal between micro-steps (a long --accum must not make SIGTERM
-        # wait): the sampler goes back to the step's start, so the checkpoint resumes exactly
-        can_abandon = o.accum > 1 and not self.world.active
-        at_start = self.sampler.job_state([self.sampler.state()]) if can_abandon else None
+        rewind = self.stop.rewind_point(self.sampler, o.accum)  # a stop between micro-steps goes back here
         losses = []
         for i in range(o.accum):
-            if at_start is not None and self.stop.signal is not None:
-                self.sampler.restore(at_start, step=state.step)
-                raise StepAbandoned
+            self.stop.between_micro_steps(self.sampler, rewind, state.step)
             with pipe.times.phase("io"):
                 window = self.sampler.next_batch()
             self.grad_sync.arm(last_micro_step=i == o.accum - 1)
@@ -211,10 +197,7 @@ class Trainer:
                     self._evaluate()
                 progress = progress_printer(self.log, end, state.step, o.log_every, self.world.is_main)
                 while state.step < end:
-                    try:
-                        progress(self.train_step())
-                    except StepAbandoned:
-                        raise Stop from None
+                    progress(self.train_step())
                     self._after_step(end)
                     if self.stop.signal is not None:
                         raise Stop
@@ -224,7 +207,6 @@ class Trainer:
             self._report()
         self.pipe.close()
         self.files.close()
-        self._next_steps(exit_code)
         return exit_code
 
     def _after_step(self, end: int) -> None:
@@ -246,21 +228,8 @@ class Trainer:
         if self.state.step >= end:
             return
         t0 = time.perf_counter()
-        try:
+        with out_of_memory_as_error(self.opts):
             self.pipe.warmup(self.opts.batch, self.opts.seq)
-        except (MemoryError, torch.OutOfMemoryError) as e:
-            raise AnetrainError(
-                f"not enough memory for micro-batches of --batch {self.opts.batch} x --seq {self.opts.seq} "
-                f"on this model ({str(e).splitlines()[0][:120]}); lower --batch or --seq (--accum keeps the "
-                "step's size)"
-            ) from None
-        except RuntimeError as e:
-            if "alloc" not in str(e).lower():
-                raise
-            raise AnetrainError(
-                f"not enough memory for micro-batches of --batch {self.opts.batch} x --seq {self.opts.seq} "
-                "on this model; lower --batch or --seq (--accum keeps the step's size)"
-            ) from None
         seconds = time.perf_counter() - t0
         self.state.counters.compile_s += seconds
         self.files.write("compile", seconds=seconds, what=self.labels["pipeline"])
@@ -292,22 +261,6 @@ class Trainer:
         self.log(f"{name}: checkpointing at step {self.state.step}; {resume}")
         self.checkpointer.save("interrupt", self.state)
         return EXIT_CODES.get(signum, 130) if signum else 130
-
-    def _next_steps(self, exit_code: int) -> None:
-        """Where the run is and what to do with it (rank 0; on stdout: the run's result)."""
-        if not self.world.is_main:
-            return
-        d = shlex.quote(str(self.run_dir))
-        lines = [f"run directory: {self.run_dir}"]
-        if self.state.step < self.opts.steps:
-            lines.append(f"  continue:  anetrain train --resume {d}")
-        tokenizer = "" if self.opts.tokenizer else " --tokenizer TOKENIZER"
-        lines += [
-            f"  generate:  anetrain generate --model {d}{tokenizer} --prompt 'Once upon a time'",
-            f"  inspect:   anetrain info {d}    anetrain dashboard {d}",
-            f"  export:    anetrain export {d} model.bin --format llama2c-v0   (or --format hf)",
-        ]
-        self.log.result("\n".join(lines))
 
     # ---- the run directory -------------------------------------------------------------------------
     def _open_run_dir(self, what: str) -> None:
@@ -373,7 +326,23 @@ class Trainer:
             loss_compacted=self.compaction is not None,
         )
         self.files.write_report(report)
-        self.log.result(format_report(report))
+        self.log.result(format_report(report))  # the run's result, then where it is and what next
+        unfinished = self.state.step < self.opts.steps
+        self.log.result(next_steps(self.run_dir, unfinished, self.opts.tokenizer is not None))
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(opts: TrainOptions) -> Iterator[None]:
+    """An allocation that fails (the micro-batch's buffers) as one line saying which options to lower."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():
+            raise
+        raise AnetrainError(
+            f"not enough memory for micro-batches of --batch {opts.batch} x --seq {opts.seq} on this model; "
+            "lower --batch or --seq (--accum keeps the step's size)"
+        ) from None
 
 
 def device_peak(pipe: Pipeline) -> float:
