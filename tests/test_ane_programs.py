@@ -312,6 +312,9 @@ def test_emit_errors_exit_2(tmp_path, capsys) -> None:
     assert "unknown preset 'stories9M'" in capsys.readouterr().err
     assert main(["ane", "emit", "--model", "stories260K", "--seq", "0", "--out", str(tmp_path)]) == 2
     assert "sequence length must be at least 1" in capsys.readouterr().err
+    # refused before anything the length sizes is built (it once allocated 1.5 GB of RoPE values first)
+    assert main(["ane", "emit", "--model", "stories260K", "--seq", "100000000", "--out", str(tmp_path)]) == 2
+    assert "sequence length 100000000 is above 65536" in capsys.readouterr().err
     assert main(["ane"]) == 2
     (tmp_path / "file").write_text("x")
     assert main(["ane", "emit", "--model", "stories260K", "--out", str(tmp_path / "file")]) == 2

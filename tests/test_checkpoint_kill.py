@@ -4,8 +4,12 @@ SIGTERM / SIGINT / control/stop, each followed by a resume."""
 from __future__ import annotations
 
 import os
+import pty
 import random
+import select
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -119,9 +123,73 @@ def test_signal_checkpoints_exits_and_resumes(tmp_path, sig, code):
     assert sig.name in text and f"--resume {run}" in text
     assert "Traceback" not in text
     assert (run / "report.json").exists() and not (run / "trainer.pid").exists()
+    assert not (run / "trainer.lock").exists()
     res = run_cli(resume_argv(run, stop_at=last + 2))
     assert res.rc == 0, res.err
     assert list(step_values(run, "loss"))[-3:] == [last, last + 1, last + 2]
+
+
+def test_sigterm_is_honoured_between_the_micro_steps_of_a_long_accumulation(tmp_path):
+    """--accum 10^9 makes one step last for ever: SIGTERM still stops the trainer within a micro-step, with
+    a checkpoint of the last whole step (here: none was taken, step 0) whose sampler is where that step
+    began, so a resume draws the same windows."""
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    argv = train_argv(write_model(tmp_path), valid_head_tokens(), run, steps=2, accum=10**9, eval_every=0)
+    proc = spawn(argv, tmp_path, log)
+    try:
+        metrics = run / "metrics.jsonl"
+        wait_until(lambda: metrics.exists() and b'"type":"compile"' in metrics.read_bytes(), proc, log)
+        time.sleep(0.5)  # well inside the first step's micro-steps
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143, log.read_text()
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    manifest = verify_checkpoint(find_checkpoint(run))
+    assert (manifest["step"], manifest["kind"]) == (0, "interrupt")
+    assert manifest["sampler"]["drawn"] == 0
+    assert records(run, "step") == []
+
+
+def test_closing_the_terminal_checkpoints_and_exits_129(tmp_path):
+    """SIGHUP, as when the terminal the trainer runs in is closed (its writes to the terminal then fail with
+    EIO): a checkpoint as for SIGTERM, exit status 129, no pid or lock file left, train.log complete."""
+    run = tmp_path / "r"
+    argv = train_argv(
+        write_model(tmp_path), valid_head_tokens(), run, steps=FOREVER, ckpt_every=10_000, eval_every=0
+    )
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("ANETRAIN_DEBUG", "ANETRAIN_STDERR_IS_LOG")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / ".cache")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anetrain", *argv],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+    )
+    os.close(slave)
+    try:
+        deadline = time.monotonic() + 60
+        while n_step_records(run) < 3:  # read the terminal meanwhile, so the trainer never waits on it
+            assert proc.poll() is None and time.monotonic() < deadline, "the trainer did not start"
+            if select.select([master], [], [], 0.05)[0]:
+                os.read(master, 65536)
+        os.close(master)  # the terminal is gone: writes to it fail from now on
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=60) == 129
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    last = max(step_values(run, "loss"))
+    manifest = verify_checkpoint(find_checkpoint(run))
+    assert (manifest["step"], manifest["kind"]) == (last, "interrupt")
+    log = (run / "train.log").read_text("utf-8")
+    assert f"SIGHUP: checkpointing at step {last}" in log and "=== Efficiency Report ===" in log
+    assert "Traceback" not in log
+    assert not (run / "trainer.pid").exists() and not (run / "trainer.lock").exists()
 
 
 def test_control_stop_file_checkpoints_and_stops_like_sigint(tmp_path):

@@ -143,8 +143,10 @@ def test_resume_without_a_complete_checkpoint_is_refused(stopped_run):
     for d in (stopped_run / "checkpoints").iterdir():
         if d.is_dir():
             (d / "manifest.json").unlink()
-    line = error_line(run_cli(resume_argv(stopped_run)))
-    assert "no complete checkpoint" in line
+    res = run_cli(resume_argv(stopped_run))
+    assert "no complete checkpoint" in error_line(res, after_log=True)
+    warnings = [line for line in res.err.splitlines() if line.startswith("warning: skipping the damaged")]
+    assert len(warnings) == 1 and "no manifest.json" in warnings[0]  # the one checkpoint, each said once
 
 
 def test_new_run_into_an_existing_run_directory_is_refused(tmp_path, stopped_run):

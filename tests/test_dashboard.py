@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -185,8 +186,12 @@ def tiny_checkpoint(run_dir: Path, tokenizer: Path) -> None:
     params = init_params(cfg, seed=3)
     ckpt = run_dir / "checkpoints" / "step_00000040"
     ckpt.mkdir(parents=True)
-    save_file({k: v.contiguous().clone() for k, v in params.named()}, str(ckpt / "model.safetensors"))
+    model = ckpt / "model.safetensors"
+    save_file({k: v.contiguous().clone() for k, v in params.named()}, str(model))
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    files = {model.name: {"bytes": model.stat().st_size, "sha256": digest}}
     manifest = {"format": "anetrain-checkpoint", "version": 1, "model": cfg.to_dict(), "step": 40}
+    manifest["files"] = files
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     (run_dir / "checkpoints" / "latest").write_text("step_00000040\n")
     RunWriter(run_dir).config(tokenizer=str(tokenizer), model=cfg.to_dict())

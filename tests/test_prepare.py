@@ -3,10 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import subprocess
+import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 
 from anetrain.tokenizer import load_tokenizer
@@ -115,3 +121,46 @@ def test_json_that_is_not_a_shard_is_one_error_line(tmp_path):
     src.write_text('{"story": "Once upon a time."}', "utf-8")
     line = error_line(_prepare([src], tmp_path / "out.bin"))
     assert str(src) in line
+
+
+# ---- a killed prepare (issue 15, case 8) ---------------------------------------------------------------
+
+
+def test_workers_end_with_a_killed_prepare(tmp_path):
+    """kill -9 of `prepare --workers 2` in the middle of encoding: its worker processes end too (they used to
+    stay, waiting for work, for ever)."""
+    big = tmp_path / "big.txt"
+    big.write_bytes(shared_file("tinystories_valid_head.txt").read_bytes() * 6)  # 5 MB: seconds of work
+    tok = shared_file("tok512.model")
+    argv = [sys.executable, "-m", "anetrain", "prepare", str(big), "--tokenizer", str(tok)]
+    proc = subprocess.Popen([*argv, "--out", str(tmp_path / "big.bin"), "--workers", "2"])
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before its workers"
+            workers = psutil.Process(proc.pid).children()
+            time.sleep(0.02)
+        time.sleep(0.2)
+        proc.kill()
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert alive == [], f"{len(alive)} workers outlived their parent"
+    finally:
+        for w in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                w.kill()
+        if proc.poll() is None:
+            proc.kill()
+    assert not (tmp_path / "big.bin").exists()
+
+
+def test_a_temporary_file_left_by_a_killed_prepare_is_removed_by_the_next(tmp_path):
+    out = tmp_path / "out.bin"
+    stale = tmp_path / ".out.bin.999999999.k2j4h5g6.tmp"  # what a prepare killed while writing leaves
+    stale.write_bytes(b"\0" * 1000)
+    live = tmp_path / f".out.bin.{os.getpid()}.a1b2c3d4.tmp"  # a writer that is still running: kept
+    live.write_bytes(b"\0" * 10)
+    assert _prepare([shared_file("tinystories_sample.txt")], out, "--separator", "endoftext").rc == 0
+    assert not stale.exists() and live.exists()
+    assert out.stat().st_size == shared_file("derived/tinystories_sample.tok512.bin").stat().st_size

@@ -74,11 +74,21 @@ def test_train_help_shows_every_training_option_and_its_default():
         ({"lr": -1.0}, "--lr"),
         ({"stop_at": 0}, "--stop-at"),
         ({"residual_scale": "abc"}, "--residual-scale"),
+        # the optimizer's (issue 15: --wd nan trained NaN weights into a checkpoint, the others were taken)
+        ({"wd": "nan"}, "--wd must be a number >= 0, got nan"),
+        ({"beta1": 2}, "--beta1 must be in [0, 1), got 2"),
+        ({"beta2": 1}, "--beta2 must be in [0, 1), got 1"),
+        ({"warmup": -5}, "--warmup must be 0 or positive, got -5"),
+        ({"min_lr": -1}, "--min-lr must be between 0 and --lr (0.0005), got -1"),
+        ({"eps": 0}, "--eps must be a positive number, got 0"),
+        ({"clip": -1}, "--clip must be a number >= 0 (0 disables clipping), got -1"),
+        ({"keep_checkpoints": -1}, "--keep-checkpoints must be at least 1, got -1"),
     ],
 )
 def test_bad_training_option_is_one_error_line(tmp_path, options, problem):
     res = run_cli(train_argv(write_model(tmp_path), valid_head_tokens(), tmp_path / "r", **options))
     assert problem in error_line(res)
+    assert not (tmp_path / "r").exists()  # refused before anything was created
 
 
 def test_unknown_model_is_one_error_line(tmp_path):

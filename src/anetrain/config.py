@@ -120,6 +120,10 @@ _ALIASES = {
 }
 
 
+#: the largest value of any size field (dim, layers, vocabulary, seq_len...): 16.7M, far above any real model
+MAX_SIZE = 1 << 24
+
+
 def deepnet_alpha(n_layers: int) -> float:
     """The original dynamic pipeline's residual scale, 1/sqrt(2L)."""
     return 1.0 / math.sqrt(2 * n_layers)
@@ -155,7 +159,7 @@ def make_config(**values: Any) -> ModelConfig:
     ):
         if key in norm:
             v = norm[key]
-            if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or int(v) != v:
                 raise ConfigError(f"model config field {key} must be an integer, got {v!r}")
             norm[key] = int(v)
     for key in ("rope_theta", "norm_eps", "residual_scale"):
@@ -170,6 +174,8 @@ def make_config(**values: Any) -> ModelConfig:
     for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
         if norm[key] <= 0:
             raise ConfigError(f"model config field {key} must be positive, got {norm[key]}")
+        if norm[key] > MAX_SIZE:  # a damaged or hostile header, not a model: refused before any allocation
+            raise ConfigError(f"model config field {key} is {norm[key]:,}, above the limit of {MAX_SIZE:,}")
     if norm.get("head_dim", 0) == 0:
         if norm["dim"] % norm["n_heads"]:
             raise ConfigError(
@@ -301,11 +307,10 @@ def load_config_file(path: str | Path) -> ModelConfig:
         seq_len = 256
         residual_scale = "deepnet"   # or a number; default 1.0
     """
+    from .fsutil import CONFIG_LIMIT, read_capped
+
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise InputError(p, f"cannot read config file ({e.strerror or e})") from None
+    raw = read_capped(p, CONFIG_LIMIT, "model config file")
     try:
         text = raw.decode("utf-8")
         data = tomllib.loads(text) if p.suffix.lower() == ".toml" else json.loads(text)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .rng import Drand48
 
 # ------------------------------------------------------------------------------------------------
@@ -80,6 +80,21 @@ def param_specs(cfg: ModelConfig) -> list[TensorSpec]:
     if not cfg.tied_classifier:
         mats.append(TensorSpec("output.weight", (v, d), True))
     return norms + mats
+
+
+def require_file_holds(
+    path: object, cfg: ModelConfig, available: int, per_param: float = 1, unit: str = "bytes"
+) -> None:
+    """Refuse (InputError naming ``path``) a model whose parameters cannot be in ``available`` bytes of file
+    at ``per_param`` bytes each (or ``available`` values: ``unit="values"``): the check a reader makes
+    before allocating what a header or config claims."""
+    n = cfg.param_count()
+    if n * per_param > available:
+        raise InputError(
+            str(path),
+            f"describes a model of {n:,} parameters ({cfg.shape_line()}), but the weights hold only "
+            f"{available:,} {unit}",
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -48,6 +48,25 @@ def resolve_device(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
+def check_dw_device(spec: str | None) -> None:
+    """Refuse a --dw-device that is not a device torch has here (one line, before anything is built)."""
+    if spec is None:
+        return
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise AnetrainError(f"--dw-device {spec!r} is not a device name (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise AnetrainError(f"--dw-device {spec}: only cpu and cuda devices can run the weight gradients")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise AnetrainError(f"--dw-device {spec}: no CUDA device is available to torch on this machine")
+    if device.index is not None and device.index >= count:
+        raise AnetrainError(f"--dw-device {spec}: the CUDA devices here are cuda:0..{count - 1}")
+
+
 def cpu_has_bf16() -> bool:
     """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
     try:
@@ -94,6 +113,7 @@ def make_pipeline(
     (the adapters, float32), ``params`` is the frozen base (any float dtype) and only the adapters train."""
     if choice.backend in ("ane-sim", "ane"):
         refuse_on_ane(params, lora, choice.backend)
+    check_dw_device(choice.dw_device)
     if choice.backend == "ane-sim":
         from .ane.pipeline import AneSimPipeline
 

@@ -38,11 +38,11 @@ class AttentionTables:
     sin_k: torch.Tensor
 
 
-def attention_tables(
-    seq: int, head_dim: int, theta: float, max_seq: int, device: torch.device
-) -> AttentionTables:
-    """The causal mask and RoPE tables for sequences of ``seq`` tokens (positions 0..seq-1)."""
-    rope = Rope.build(max(seq, max_seq), head_dim, theta, torch.float32, device)
+def attention_tables(seq: int, head_dim: int, theta: float, device: torch.device) -> AttentionTables:
+    """The causal mask and RoPE tables for sequences of ``seq`` tokens (positions 0..seq-1): only the
+    sequence trained on, however long the model's seq_len (each position's angles are computed on their
+    own, so the tables do not depend on their length)."""
+    rope = Rope.build(seq, head_dim, theta, torch.float32, device)
     fq, fk = fused.rope_tables(rope.cos[:seq], rope.sin[:seq], 1.0 / head_dim**0.5)
     above = torch.ones(seq, seq, dtype=torch.bool, device=device).triu(1)
     return AttentionTables(

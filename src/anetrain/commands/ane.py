@@ -19,11 +19,19 @@ ORDER = 70
 
 def _emit(args: argparse.Namespace) -> int:
     from ..ane.emit import emit_kernel_set
+    from ..ane.limits import MAX_WIDTH
     from ..ane.machine import resolve_sim_chip
     from ..ane.programs import build_kernel_set
     from ..config import resolve_config
+    from ..errors import ConfigError
 
     cfg = resolve_config(args.model)
+    seq = args.seq if args.seq is not None else cfg.seq_len
+    if seq > max(MAX_WIDTH.values()):  # checked before any program or blob is built
+        raise ConfigError(
+            f"sequence length {seq} is above {max(MAX_WIDTH.values())}, the widest tensor a Neural Engine "
+            "program can have"
+        )
     chip, how = resolve_sim_chip(args.chip)
     ks = build_kernel_set(cfg, chip, args.inputs, seq=args.seq, extras=args.extras, programs=args.programs)
     files = emit_kernel_set(ks, args.out)

@@ -26,6 +26,8 @@ NOTE_TEXT = {
     "copied": "copied {} from the source model",
     "lora": "LoRA adapters: {}",
     "base_model": "adapter_config.json names the base model {}",
+    "tokenizer": "tokenizer: {}",
+    "tokenizer_not_written": "no tokenizer files: {}",
 }
 
 
@@ -39,13 +41,18 @@ def register(subparsers: Any) -> None:
         "  llama2c-v0  llama2.c legacy .bin (what run.c reads)\n"
         "  llama2c-v1  llama2.c fp32 with a 256-byte header\n"
         "  llama2c-v2  llama2.c Q8_0 int8 (what runq.c reads)\n"
-        "  hf          Hugging Face LlamaForCausalLM directory (config.json + model.safetensors)\n"
+        "  hf          Hugging Face LlamaForCausalLM directory (config.json + model.safetensors, and the\n"
+        "              tokenizer's files with --tokenizer or from a run directory), replaced as a whole\n"
         "  blzt        the original trainer's checkpoint (v4; v2 with --blzt-version 2)\n"
         "A residual scale is folded into wo/w2 where the format has none. A format that cannot express the\n"
         "model (e.g. llama2.c with head_dim != dim/n_heads) is refused. Only BLZT keeps Adam state.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("input", metavar="IN", help="model file or Hugging Face directory to read")
+    p.add_argument(
+        "input",
+        metavar="IN",
+        help="model file, Hugging Face directory, or run directory (its newest checkpoint)",
+    )
     p.add_argument("output", metavar="OUT", help="file (a directory for --format hf and peft) to write")
     p.add_argument(
         "--format", choices=CHOICES, default=argparse.SUPPRESS, help="output format (required unless --int8)"
@@ -59,6 +66,12 @@ def register(subparsers: Any) -> None:
         "head_dim = dim/n_heads, trained without RoPE)",
     )
     p.add_argument("--int8", action="store_true", help="synonym for --format llama2c-v2")
+    p.add_argument(
+        "--tokenizer",
+        metavar="FILE",
+        help="--format hf: the sentencepiece .model (or a tokenizer.bin with its .model beside it) written "
+        "into the directory so that AutoTokenizer loads it; default: a run directory's own tokenizer",
+    )
     p.set_defaults(func=run)
 
 
@@ -75,7 +88,14 @@ def target_format(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import run_tokenizer
+    from ..fsutil import refuse_overwriting_input
+
     fmt = target_format(args)
+    refuse_overwriting_input(args.output, [args.input], flag="OUT")
+    if args.tokenizer and fmt != "hf":
+        raise AnetrainError(f"--tokenizer is for --format hf (a {fmt} file holds no tokenizer)")
+    tokenizer = args.tokenizer or (run_tokenizer(args.input) if fmt == "hf" else None)
     m = load_model(args.input)
     keeps_state = fmt.startswith("blzt")
     notes = save_model(
@@ -86,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         extras=m.extras if keeps_state or fmt == "peft" else None,
         source=m.source,
         adapters=m.adapters,
+        tokenizer=tokenizer,
     )
     merged = " with its LoRA adapters merged" if m.adapters is not None and fmt != "peft" else ""
     print(f"wrote {args.output}: {fmt}, {human_bytes(disk_bytes(args.output))} (from {m.format}{merged})")

@@ -24,7 +24,11 @@ def register(subparsers: Any) -> None:
         "describe it. The format is detected from the file's header.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("file", help="model file, or a Hugging Face model directory")
+    p.add_argument(
+        "file",
+        help="model file, Hugging Face model directory, or run directory (its newest checkpoint; or "
+        "RUN_DIR/checkpoints/best)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run)
 

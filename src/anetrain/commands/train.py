@@ -14,8 +14,10 @@ from typing import Any
 ORDER = 10
 
 DESCRIPTION = """\
-Train a model. With no --data, an embedded story corpus is generated, a tokenizer trained on it, and a
-stories260K-sized model trained on it for a few minutes: a complete run that works offline.
+Train a model. With no --data, an excerpt of TinyStories shipped with anetrain (real children's stories,
+CDLA-Sharing-1.0) is unpacked, a tokenizer trained on it, and a stories260K-sized model trained on it for a
+few minutes: a complete run that works offline. Progress goes to stderr; the run's result (the Efficiency
+Report, a generated sample, the run directory and the commands to use it next) to stdout.
 
 A step is one optimizer update over --accum micro-batches of --batch x --seq tokens. The run directory
 (--out) receives config.json, metrics.jsonl, train.log, checkpoints/ and report.json; resume an interrupted
@@ -24,6 +26,67 @@ run with `anetrain train --resume RUN_DIR` (Ctrl-C and SIGTERM checkpoint before
 Data-parallel: `torchrun --nproc_per_node=N [--nnodes=M ...] -m anetrain train ...` (or `anetrain train --ddp
 --nproc-per-node N ...` on one machine) trains on N x M processes: each draws its own windows, gradients are
 averaged over all of them, rank 0 writes the run directory. See docs/distributed.md."""
+
+
+#: how `anetrain train --help` groups the options (an option missing here is listed under "other options")
+GROUPS: dict[str, tuple[str, ...]] = {
+    "model and data": (
+        "model",
+        "data",
+        "val_data",
+        "val_fraction",
+        "tokenizer",
+        "init",
+        "residual_scale",
+        "seed",
+        "sampler",
+        "compact_vocab",
+    ),
+    "optimisation": (
+        "steps",
+        "batch",
+        "seq",
+        "accum",
+        "optimizer",
+        "lr",
+        "min_lr",
+        "warmup",
+        "wd",
+        "clip",
+        "beta1",
+        "beta2",
+        "eps",
+        "loss_scale",
+    ),
+    "run directory and checkpoints": ("out", "resume", "stop_at", "ckpt_every", "keep_checkpoints"),
+    "evaluation, samples and logging": (
+        "eval_every",
+        "eval_batches",
+        "sample_every",
+        "sample_tokens",
+        "log_every",
+    ),
+    "hardware and precision": (
+        "pipeline",
+        "backend",
+        "dtype",
+        "fusion",
+        "dw_device",
+        "threads",
+        "deterministic",
+        "peak_tflops",
+    ),
+    "Apple Neural Engine (--backend ane, ane-sim)": ("ane_chip", "ane_runtime", "ane_programs", "ane_inputs"),
+    "data-parallel (torchrun)": ("ddp", "nproc_per_node", "dist_backend", "dist_timeout", "dist_check_every"),
+    "watching and tracking": (
+        "dashboard",
+        "wandb",
+        "wandb_project",
+        "wandb_name",
+        "wandb_mode",
+        "tensorboard",
+    ),
+}
 
 
 def _arg_type(tp: Any) -> Any:
@@ -36,26 +99,45 @@ def _arg_type(tp: Any) -> Any:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..cli import HelpFormatter
+    from ..data.embedded import EMBEDDED_DEFAULTS
     from ..train import TrainOptions
 
     p = sub.add_parser(
         "train", help="train or continue a model", description=DESCRIPTION, formatter_class=HelpFormatter
     )
+    by_name = {f.name: f for f in fields(TrainOptions)}
+    placed = [(title, [by_name[n] for n in names if n in by_name]) for title, names in GROUPS.items()]
+    grouped = {n for names in GROUPS.values() for n in names}
+    placed.append(("other options", [f for f in by_name.values() if f.name not in grouped]))
     hints = typing.get_type_hints(TrainOptions)
-    for f in fields(TrainOptions):
+    for title, group_fields in placed:
+        if group_fields:
+            _add_options(p.add_argument_group(title), group_fields, hints, EMBEDDED_DEFAULTS)
+    p.set_defaults(func=run)
+
+
+def _add_options(
+    g: Any, group_fields: list[Any], hints: dict[str, Any], embedded_defaults: dict[str, Any]
+) -> None:
+    """One argument per TrainOptions field, with its default (and the embedded run's, where it differs)."""
+    for f in group_fields:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         help_text = f.metadata["help"]
+        embedded = embedded_defaults.get(f.name, default)
         if default not in (None, False) and "default" not in help_text:
-            help_text += f" (default: {default})"
+            help_text += f" (default: {default}"
+            help_text += f"; {embedded} without --data)" if embedded != default else ")"
+        elif embedded != default:
+            help_text += f" (without --data: {embedded})"
         if hints[f.name] is bool:
-            p.add_argument(
+            g.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
             )
         elif f.name == "residual_scale":
-            p.add_argument(flag, default=argparse.SUPPRESS, metavar="ALPHA", help=help_text)
+            g.add_argument(flag, default=argparse.SUPPRESS, metavar="ALPHA", help=help_text)
         else:
-            p.add_argument(
+            g.add_argument(
                 flag,
                 type=_arg_type(hints[f.name]),
                 default=argparse.SUPPRESS,
@@ -63,7 +145,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                 metavar=None if f.metadata.get("choices") else f.name.upper(),
                 help=help_text,
             )
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,10 +240,16 @@ def _with_dashboard(given: dict[str, Any], default_run_dir: Any) -> int:
         from ..ui.dashboard import run_dashboard
     except ImportError as e:
         raise AnetrainError(f"the dashboard is unavailable: {e}") from None
+    from ..train.lock import check_not_in_use
+    from ..train.run import check_new_run_dir, make_run_dir
+
     run_dir = Path(
         given.get("resume") or given.get("out") or default_run_dir(given.get("model", "stories260K"))
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not given.get("resume"):
+        check_new_run_dir(run_dir)
+    check_not_in_use(run_dir)  # refused here, before the dashboard would show another trainer's run
+    make_run_dir(run_dir)
     argv = [sys.executable, "-m", "anetrain", "train", *_argv_of(given, skip=("dashboard", "out"))]
     if not given.get("resume"):
         argv += ["--out", str(run_dir)]

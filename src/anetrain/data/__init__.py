@@ -1,2 +1,2 @@
 """Data: token files (prepare, memory-mapped reading, validation), samplers, vocabulary compaction,
-downloads and the embedded story generator."""
+downloads and the embedded default (a TinyStories excerpt)."""

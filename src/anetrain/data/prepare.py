@@ -12,7 +12,9 @@ Each document is stripped and skipped when empty, as tinystories.py does. Large 
 parallel (one tokenizer per worker process) with a progress bar. The output is flat little-endian uint16
 (llama2.c's format), or uint32 when the vocabulary has ids above 65,535 (Qwen3's 151,936), written
 atomically, with a sidecar ``OUT.json`` recording the dtype, the tokenizer, its fingerprint, the vocabulary
-size and the counts, so training can refuse a token file made with another tokenizer.
+size and the counts, so training can refuse a token file made with another tokenizer. The output never
+replaces one of the inputs (or the tokenizer); worker processes end with their parent, however it ends, and
+the temporary file a killed run leaves is removed by the next one.
 
 **Instruction data** (``fmt="chat"``, :func:`prepare_chat`): .jsonl records ``{"prompt": ..., "completion":
 ...}`` or ``{"messages": [{"role": ..., "content": ...}, ...]}``, rendered with the tokenizer's chat template
@@ -36,7 +38,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError
-from ..fsutil import atomic_write, atomic_write_text
+from ..fsutil import atomic_write, atomic_write_text, refuse_overwriting_input
 from .tokens import mask_path, sidecar_path
 
 UINT16_LIMIT = 65536
@@ -53,11 +55,26 @@ def token_dtype(vocab_size: int) -> str:
 _worker_tokenizer: Any = None
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def _init_worker(tokenizer_path: str, worker: bool = False) -> None:
     global _worker_tokenizer
     from ..tokenizer import load_tokenizer
 
+    if worker:
+        exit_with_parent(os.getppid())
     _worker_tokenizer = load_tokenizer(tokenizer_path)
+
+
+def exit_with_parent(parent: int) -> None:
+    """A worker process ends when ``parent`` does, however it ends (``kill -9`` included): a daemon thread
+    watches for the worker's parent to change (the orphan is re-parented) and exits at once."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _encode_chunk(docs: list[str]) -> np.ndarray:
@@ -88,6 +105,8 @@ def prepare(
     from ..tokenizer import load_tokenizer
     from ..tokenizer.corpus import read_documents
 
+    refuse_overwriting_input(out, [*inputs, tokenizer_path])
+    refuse_overwriting_input(sidecar_path(out), [*inputs, tokenizer_path])
     tok = load_tokenizer(tokenizer_path)
     tokenizer_path = str(tok.path)  # a directory or Hub id: its tokenizer.json (the workers open it again)
     docs: list[str] = []
@@ -110,7 +129,9 @@ def prepare(
             if progress:
                 progress(done, len(docs))
     else:
-        with ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+        with ProcessPoolExecutor(
+            n_workers, initializer=_init_worker, initargs=(tokenizer_path, True)
+        ) as pool:
             for c, arr in zip(
                 _chunks(docs, chunk), pool.map(_encode_chunk, _chunks(docs, chunk)), strict=True
             ):
@@ -267,6 +288,8 @@ def prepare_chat(
     from ..tokenizer import load_tokenizer
     from ..tokenizer.corpus import _read_text
 
+    for target in (out, sidecar_path(out), mask_path(out)):
+        refuse_overwriting_input(target, [*inputs, tokenizer_path])
     tok = load_tokenizer(tokenizer_path)
     tokenizer_path = str(tok.path)
     records: list[tuple[str, int, list[dict[str, str]], bool]] = []

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..fsutil import CONFIG_LIMIT, read_capped
 
 DTYPES = {"uint16": "<u2", "uint32": "<u4"}
 
@@ -61,8 +62,8 @@ def open_tokens(path: str | os.PathLike[str]) -> TokenFile:
     sp = sidecar_path(p)
     if sp.exists():
         try:
-            sidecar = json.loads(sp.read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            sidecar = json.loads(read_capped(sp, CONFIG_LIMIT, "token file sidecar"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(sp, f"unreadable sidecar ({e})") from None
         if not isinstance(sidecar, dict):
             raise InputError(sp, "sidecar must be a JSON object")
@@ -77,7 +78,10 @@ def open_tokens(path: str | os.PathLike[str]) -> TokenFile:
         if width == 2:
             raise InputError(p, f"odd byte length {size}: not a uint16 token file")
         raise InputError(p, f"byte length {size} is not a multiple of 4: not a {dtype} token file")
-    tokens = np.memmap(p, dtype=DTYPES[dtype], mode="r")
+    try:
+        tokens = np.memmap(p, dtype=DTYPES[dtype], mode="r")
+    except OSError as e:
+        raise InputError(p, f"cannot read the token file ({e.strerror or e})") from None
     mask = None
     if sidecar is not None:
         if "n_tokens" in sidecar and sidecar["n_tokens"] != tokens.shape[0]:

@@ -7,8 +7,10 @@ LoRA adapters, peft adapter directories (``peft.py``). Reading also takes anetra
 directories (``anetrain.checkpoint``), so trained runs can be inspected and exported (a LoRA run's with its
 adapters merged into its base, and the adapters beside), and Hugging Face Hub ids (``hub.py``).
 
-Detection: a directory with ``checkpoints/`` is a run directory (read: its newest verified checkpoint); one
-(or a file inside one) with ``config.json`` is HF; one with ``manifest.json`` is an anetrain checkpoint. A
+Detection: a run directory (``checkpoints/``, ``metrics.jsonl`` or a run's ``config.json``), its
+``checkpoints/`` directory or a pointer file in it (``checkpoints/latest``, ``checkpoints/best``) is read as
+the run's newest verified checkpoint (or the best one); a directory (or a file inside one) with
+``config.json`` is HF; one with ``manifest.json`` is an anetrain checkpoint. A
 file starting with the BLZT magic is BLZT; with the llama2.c magic "ak42" it is llama2.c v1/v2; anything
 else is llama2.c v0 only if its size matches the size its 28-byte header implies (v0 has no magic).
 """
@@ -31,7 +33,14 @@ from .llama2c import read_llama2c
 
 CHECKPOINT_MANIFEST = "manifest.json"  # anetrain.checkpoint.MANIFEST (imported lazily: it imports much more)
 
-__all__ = ["FORMATS", "LoadedModel", "detect_format", "load_model", "read_llama2c", "save_model"]
+__all__ = [
+    "FORMATS",
+    "LoadedModel",
+    "detect_format",
+    "load_model",
+    "read_llama2c",
+    "save_model",
+]
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -40,7 +49,11 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
     Raises :class:`InputError` when ``path`` is none of them, saying what was checked.
     """
+    from ..checkpoint import run_of
+
     p = Path(path)
+    if run_of(p) is not None:
+        return "anetrain-run"
     if p.is_dir():
         # a run directory has a config.json of its own (the run's options): checked before HF's
         if (p / "checkpoints").is_dir() and not (p / hf.WEIGHTS).exists():
@@ -100,7 +113,8 @@ def read_anetrain_checkpoint(path: str | os.PathLike[str], run_dir: bool = False
 
     p = Path(path)
     if run_dir:
-        latest = checkpoint.load_latest(p)
+        run, pointer = checkpoint.run_of(p) or (p, "latest")
+        latest = checkpoint.load_latest(run, pointer)
         if latest is None:
             raise InputError(p, "is a run directory without a complete checkpoint")
         c = latest
@@ -147,19 +161,28 @@ def save_model(
     extras: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
     adapters: Any = None,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Write ``params`` as ``fmt`` (one of :data:`FORMATS`) atomically; returns notes for the user.
 
     ``optimizer`` and ``extras`` (step, loss, lr, ...) are stored only by BLZT; the other formats ignore
     them. ``source`` (a :class:`LoadedModel`'s): the Hugging Face model it came from, whose token ids and
-    tokenizer files an hf (or peft) export keeps. ``peft`` writes ``adapters`` (a LoRA run's), referring to
+    tokenizer files an hf (or peft) export keeps; otherwise ``tokenizer`` (the run's) goes into an HF
+    directory (:mod:`.hf_tokenizer`). ``peft`` writes ``adapters`` (a LoRA run's), referring to
     ``extras["base_model"]``. Raises :class:`ConfigError` when the format cannot express the model (nothing
     is written then).
     """
     if fmt.startswith("llama2c-v") and fmt in FORMATS:
         return llama2c.write_llama2c(path, params, int(fmt[-1]))
     if fmt == "hf":
-        return hf.write_hf(path, params, source)
+        extra_files = None
+        if tokenizer is not None:
+            from .hf_tokenizer import write_hf_tokenizer
+
+            def extra_files(directory: Path) -> dict[str, Any]:
+                return write_hf_tokenizer(directory, tokenizer, params.cfg.seq_len)
+
+        return hf.write_hf(path, params, source, extra_files)
     if fmt == "peft":
         from .peft import write_peft
 

@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,8 @@ from safetensors.torch import save as safetensors_save
 
 from ..config import ModelConfig, make_config
 from ..errors import ConfigError, InputError
-from ..fsutil import atomic_write_bytes, atomic_write_text
-from ..params import ModelParams, fold_residual_scale
+from ..fsutil import CONFIG_LIMIT, atomic_directory, atomic_write_bytes, atomic_write_text, read_capped
+from ..params import ModelParams, fold_residual_scale, require_file_holds
 from .common import LoadedModel, require_finite, wrap_input_error
 
 CONFIG = "config.json"
@@ -185,29 +186,36 @@ def hf_tensors(params: ModelParams) -> dict[str, torch.Tensor]:
 
 
 def write_hf(
-    path: str | os.PathLike[str], params: ModelParams, source: dict[str, Any] | None = None
+    path: str | os.PathLike[str],
+    params: ModelParams,
+    source: dict[str, Any] | None = None,
+    extra_files: Callable[[Path], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Write a HF directory (config.json, model.safetensors), each file atomically; returns notes.
+    """Write a HF directory (config.json, model.safetensors, tokenizer files) as a whole: a directory already
+    there is replaced atomically (a kill leaves the old model or the new one, never a mixture), and only if it
+    is a model directory; returns notes.
 
     ``source`` (``{"dir": ..., "config": {...}}``, what :func:`read_hf` records in its extras) names the model
     this one came from: its config's token ids are kept and its tokenizer files copied beside the weights.
+    Otherwise ``extra_files(directory)`` adds files (the run's tokenizer, as a ``tokenizer.json``).
     """
     d = Path(path)
-    if d.exists() and not d.is_dir():
-        raise ConfigError(f"{d}: exists and is not a directory (the hf format writes a directory)")
+    check_replaceable(d)
     cfg = params.cfg
     notes: dict[str, Any] = {"architecture": ARCHITECTURES[model_type(cfg)]}
     if cfg.residual_scale != 1.0:
         notes["folded_residual_scale"] = cfg.residual_scale
     tensors = hf_tensors(params)
     src_cfg = source.get("config") if source else None
-    d.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(d / WEIGHTS, safetensors_save(tensors, metadata={"format": "pt"}))
-    config = hf_config(cfg.with_(residual_scale=1.0), src_cfg if isinstance(src_cfg, dict) else None)
-    atomic_write_text(d / CONFIG, json.dumps(config, indent=2) + "\n")
-    copied = copy_companions(source.get("dir") if source else None, d)
-    if copied:
-        notes["copied"] = ", ".join(copied)
+    with atomic_directory(d) as tmp:
+        atomic_write_bytes(tmp / WEIGHTS, safetensors_save(tensors, metadata={"format": "pt"}))
+        config = hf_config(cfg.with_(residual_scale=1.0), src_cfg if isinstance(src_cfg, dict) else None)
+        atomic_write_text(tmp / CONFIG, json.dumps(config, indent=2) + "\n")
+        copied = copy_companions(source.get("dir") if source else None, tmp)
+        if copied:
+            notes["copied"] = ", ".join(copied)
+        elif extra_files is not None:
+            notes.update(extra_files(tmp))
     return notes
 
 
@@ -225,6 +233,24 @@ def copy_companions(src: str | os.PathLike[str] | None, dst: Path) -> list[str]:
             os.replace(tmp, dst / name)
             copied.append(name)
     return copied
+
+
+def check_replaceable(d: Path) -> None:
+    """Refuse to write a HF directory over a file, or over a non-empty directory that is not a Hugging Face
+    model directory (a run directory, a data folder): it would be replaced as a whole."""
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"{d}: exists and is not a directory (the hf format writes a directory)")
+    if not d.is_dir() or not any(d.iterdir()):
+        return
+    try:
+        doc = json.loads(read_capped(d / CONFIG, CONFIG_LIMIT, "model config"))
+    except (InputError, UnicodeDecodeError, json.JSONDecodeError):
+        doc = None
+    if not (isinstance(doc, dict) and "model_type" in doc and "train" not in doc):
+        raise ConfigError(
+            f"{d}: is a non-empty directory that is not a Hugging Face model directory; it would be replaced "
+            "as a whole: choose a new directory"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,7 +359,7 @@ def _weight_files(d: Path) -> list[Path]:
     if not index.is_file():
         raise InputError(d, f"has no {WEIGHTS} (nor {INDEX})")
     try:
-        weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+        weight_map = json.loads(read_capped(index, CONFIG_LIMIT, "safetensors index"))["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise InputError(index, f"not a valid safetensors index ({type(e).__name__}: {e})") from None
@@ -366,8 +392,8 @@ def read_config(d: Path) -> tuple[ModelConfig, dict[str, Any]]:
     if not cfg_path.is_file():
         raise InputError(d, f"is not a Hugging Face model directory (no {CONFIG})")
     try:
-        data = json.loads(cfg_path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(read_capped(cfg_path, CONFIG_LIMIT, "model config"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(cfg_path, f"not valid JSON ({e})") from None
     return config_from_hf(cfg_path, data, name=d.resolve().name), data
 
@@ -382,6 +408,9 @@ def read_hf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) ->
     files = _weight_files(d)
     index = _tensor_index(files)
     where = files[0] if len(files) == 1 else d
+    # the config's model is allocated only if the files are big enough to hold it (at least a byte per
+    # parameter; a file a few tensors short gets the precise message below)
+    require_file_holds(d / CONFIG, cfg, sum(f.stat().st_size for f in set(index.values())))
     params = ModelParams.zeros(cfg, dtype)
     expected = {hf_name(n): n for n in params.tensors}
     kind = "Qwen3" if cfg.qk_norm else "Llama"

@@ -213,10 +213,10 @@ def _v2_check(path: str | os.PathLike[str], raw: np.ndarray, cfg: ModelConfig) -
     (gs,) = GROUP_SIZE.unpack(raw[V12_PREFIX.size : V12_PREFIX.size + 4].tobytes())
     if gs <= 0:
         raise InputError(path, f"Q8_0 group size {gs} must be positive")
-    numel = {s.name: s.numel for s in param_specs(cfg)}
-    for name in tensor_names(cfg, V2_QUANT):
-        if numel[name] % gs:
-            raise InputError(path, f"Q8_0 group size {gs} does not divide {name} ({numel[name]} elements)")
+    # arithmetic only: the header is checked against the file before anything is built or allocated
+    for name, numel in _v2_quantized_sizes(cfg).items():
+        if numel % gs:
+            raise InputError(path, f"Q8_0 group size {gs} does not divide {name} ({numel} elements)")
     expected = v2_file_size(cfg, gs)
     if raw.size != expected:
         raise InputError(
@@ -225,6 +225,16 @@ def _v2_check(path: str | os.PathLike[str], raw: np.ndarray, cfg: ModelConfig) -
             f"group size {gs}): expected {expected}",
         )
     return gs
+
+
+def _v2_quantized_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """Elements of each Q8_0-quantized tensor kind, in file order, named by its first tensor (the layers'
+    are all alike)."""
+    d, f, v = cfg.dim, cfg.hidden_dim, cfg.vocab_size
+    numel = {"emb": v * d, "wq": cfg.q_dim * d, "wk": cfg.kv_dim * d, "wv": cfg.kv_dim * d}
+    numel |= {"wo": d * cfg.q_dim, "w1": f * d, "w2": d * f, "w3": f * d, "wcls": v * d}
+    kinds = [*V2_QUANT, *(() if cfg.tied_classifier else ("wcls",))]
+    return {KIND_NAMES[k].format(0): numel[k] for k in kinds}
 
 
 def _v2_quantized(

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import find_checkpoint, load_checkpoint, read_pointer
+from ..checkpoint import find_checkpoint, load_checkpoint, read_pointer, run_of
 from ..errors import InputError
 from ..formats import detect_format, load_model
 from .weights import DecodeWeights, dtype_name
@@ -70,8 +70,12 @@ def run_checkpoint(run_dir: str | os.PathLike[str], best: bool = False) -> Path:
 
 
 def resolve_source(path: str | os.PathLike[str], best: bool = False) -> ModelSource:
-    """A run directory's checkpoint and tokenizer, or a model path as it is."""
+    """A run directory's checkpoint and tokenizer (also for RUN_DIR/checkpoints/latest or .../best), or a
+    model path as it is."""
     p = Path(path)
+    run = run_of(p)
+    if run is not None:  # the run directory, its checkpoints/ or a pointer in it
+        p, best = run[0], best or run[1] == "best"
     if is_run_dir(p):
         ckpt = run_checkpoint(p, best)
         step = checkpoint_step(ckpt)

@@ -73,17 +73,11 @@ class BaselinePipeline:
         self.precision = precision_of(params.flat.dtype)
         self.grad_ready_hook: GradReadyHook | None = None
         self._buckets = self.grads.buckets()
-        self._rope = K.Rope.build(
-            min(self.cfg.seq_len, 4096),
-            self.cfg.head_dim,
-            self.cfg.rope_theta,
-            params.flat.dtype,
-            params.flat.device,
-        )
+        self._rope: K.Rope | None = None  # built for the longest sequence seen (not the model's seq_len)
 
     # ---- helpers -------------------------------------------------------------------------------
     def rope(self, s: int) -> K.Rope:
-        if s > self._rope.cos.shape[0]:
+        if self._rope is None or s > self._rope.cos.shape[0]:
             self._rope = K.Rope.build(
                 s, self.cfg.head_dim, self.cfg.rope_theta, self.compute_dtype, self.params.flat.device
             )

@@ -158,7 +158,7 @@ def make_workspace(
     features = frozenset(
         {elementwise.name, *(("compaction",) if compaction else ()), *(("qknorm",) if cfg.qk_norm else ())}
     )
-    tables = attention_tables(dims.S, dims.dh, cfg.rope_theta, min(cfg.seq_len, dims.S), device)
+    tables = attention_tables(dims.S, dims.dh, cfg.rope_theta, device)
     return allocate(
         Workspace,
         dims,

@@ -90,8 +90,11 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, *, refresh: bool = Fal
         cache = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         cache = {}
-    if not refresh and isinstance(cache.get(key), int | float):
-        return float(cache[key])
+    if not isinstance(cache, dict):  # a damaged cache is measured again and rewritten, never an error
+        cache = {}
+    cached = cache.get(key)
+    if not refresh and isinstance(cached, int | float) and not isinstance(cached, bool) and 0 < cached < 1e9:
+        return float(cached)
     value = probe_peak_tflops(device, dtype)
     cache[key] = value
     with contextlib.suppress(Exception):  # a read-only home must not stop training

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..fsutil import atomic_write
+from ..fsutil import TOKENIZER_LIMIT, atomic_write, read_capped
 from .base import BOS_ID, BYTE_OFFSET, EOS_ID, Tokenizer
 
 _HEADER = struct.Struct("<i")
@@ -44,11 +44,7 @@ def read_tokenizer_bin(
     file with fewer is refused; without it the entries run to the end of the file, which must end on an
     entry boundary.
     """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise InputError(path, f"cannot read tokenizer ({e.strerror or e})") from None
+    raw = read_capped(path, TOKENIZER_LIMIT, "tokenizer")
     if len(raw) < _HEADER.size:
         raise InputError(path, f"truncated: {len(raw)} bytes, too short for a llama2.c tokenizer.bin header")
     (max_len,) = _HEADER.unpack_from(raw, 0)

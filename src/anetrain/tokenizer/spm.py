@@ -18,6 +18,7 @@ import numpy as np
 import sentencepiece as spm
 
 from ..errors import InputError
+from ..fsutil import TOKENIZER_LIMIT, read_capped, refuse_overwriting_input
 from .base import BOS_PIECE, EOS_PIECE, Tokenizer
 from .llama2c import write_tokenizer_bin
 
@@ -25,10 +26,7 @@ from .llama2c import write_tokenizer_bin
 def load_processor(path: str | os.PathLike[str]) -> spm.SentencePieceProcessor:
     """A sentencepiece processor for ``path``; a file that is not a sentencepiece model is refused."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise InputError(p, f"cannot read tokenizer ({e.strerror or e})") from None
+    data = read_capped(p, TOKENIZER_LIMIT, "tokenizer")
     sp = spm.SentencePieceProcessor()
     try:
         sp.LoadFromSerializedProto(data)
@@ -58,7 +56,9 @@ def export_pieces(sp: spm.SentencePieceProcessor) -> tuple[list[bytes], np.ndarr
 
 
 def export_tokenizer_bin(model: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """Convert a sentencepiece ``.model`` into a llama2.c ``tokenizer.bin`` (written atomically)."""
+    """Convert a sentencepiece ``.model`` into a llama2.c ``tokenizer.bin`` (written atomically; never over
+    the model itself)."""
+    refuse_overwriting_input(out, [model])
     sp = load_processor(model)
     pieces, scores = export_pieces(sp)
     write_tokenizer_bin(out, pieces, [float(s) for s in scores])

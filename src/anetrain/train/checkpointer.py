@@ -17,11 +17,12 @@ from .. import __version__
 from ..checkpoint import checkpoint_name, prune_checkpoints, save_checkpoint
 from ..data.sampler import WindowSampler
 from ..distributed import World
-from ..errors import AnetrainError, ConfigError
+from ..errors import AnetrainError, ConfigError, InputError
 from ..optim import AdamW, DynamicLossScaler
 from ..pipeline.base import Pipeline
 from .options import TrainOptions
 from .rundir import RunFiles
+from .setup import Start
 from .state import RunState, WallClock
 
 KINDS = ("periodic", "best", "final", "interrupt")
@@ -111,6 +112,24 @@ class Checkpointer:
 
 
 def resume_state(
+    start: Start,
+    opts: TrainOptions,
+    world: World,
+    sampler: WindowSampler,
+    scaler: DynamicLossScaler | None,
+    log: Any,
+) -> RunState:
+    """The run's state from the checkpoint it resumes (``start``: its manifest and the manifest's file),
+    with the sampler and loss scaler restored; notes on what changes when the job has another number of
+    ranks. A manifest whose state cannot be read (edited, damaged) is an InputError naming its file."""
+    try:
+        return _resume_state(start.manifest, opts, world, sampler, scaler, log)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        where = start.manifest_file or "the checkpoint's manifest"
+        raise InputError(where, f"unreadable run state ({type(e).__name__}: {e})") from None
+
+
+def _resume_state(
     manifest: dict[str, Any],
     opts: TrainOptions,
     world: World,
@@ -118,8 +137,6 @@ def resume_state(
     scaler: DynamicLossScaler | None,
     log: Any,
 ) -> RunState:
-    """The run's state from the checkpoint it resumes, with the sampler and loss scaler restored; notes on
-    what changes when the job has another number of ranks."""
     state = RunState.from_manifest(manifest)
     saved = manifest.get("sampler")
     if saved is not None:

@@ -4,7 +4,8 @@ the rules for what may change on --resume."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..config import PRESETS
@@ -34,13 +35,8 @@ class TrainOptions:
     )
     data: str | None = opt(
         None,
-        "training token file (flat uint16, from `anetrain prepare`); omitted: the "
-        "embedded story corpus is generated, tokenized and used",
-    )
-    embedded_stories: int = opt(
-        24000,
-        "without --data: how many stories the generated corpus has (cached per size; a smaller one "
-        "prepares faster and trains a weaker model)",
+        "training token file (flat uint16, from `anetrain prepare`); omitted: the embedded TinyStories "
+        "excerpt is tokenized and used",
     )
     val_data: str | None = opt(None, "validation token file (default: a held-out tail of --data)")
     val_fraction: float = opt(
@@ -229,17 +225,58 @@ class TrainOptions:
             clip=self.clip,
         )
 
+    def type_problem(self) -> str | None:
+        """The first option whose value has the wrong type (options read back from a run's config.json),
+        or None."""
+        hints = typing.get_type_hints(TrainOptions)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            allowed = tuple(a for a in typing.get_args(hints[f.name]) or (hints[f.name],) if a is not Any)
+            if value is None and type(None) in allowed:
+                continue
+            if isinstance(value, bool) and bool not in allowed:
+                return f"{f.name} is {value!r}"
+            if isinstance(value, int) and float in allowed:
+                continue
+            if not isinstance(value, tuple(a for a in allowed if a is not type(None))):
+                return f"{f.name} is {value!r}"
+        return None
+
     def validate(self) -> None:
-        for name in ("batch", "seq", "accum", "steps", "embedded_stories"):
+        """Refuse (ConfigError, one line naming the option) any option value training cannot use."""
+        for name in ("batch", "seq", "accum", "steps", "sample_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_batches", "log_every", "ckpt_every", "sample_every", "warmup"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(self, name)}"
+                )
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.min_lr is not None and not (0 <= self.min_lr <= self.lr):
+            raise ConfigError(f"--min-lr must be between 0 and --lr ({self.lr:g}), got {self.min_lr}")
+        if not (0 <= self.wd < math.inf):
+            raise ConfigError(f"--wd must be a number >= 0, got {self.wd}")
+        if not 0 <= self.beta1 < 1:
+            raise ConfigError(f"--beta1 must be in [0, 1), got {self.beta1}")
+        if self.beta2 is not None and not 0 <= self.beta2 < 1:
+            raise ConfigError(f"--beta2 must be in [0, 1), got {self.beta2}")
+        if not (0 < self.eps < math.inf):
+            raise ConfigError(f"--eps must be a positive number, got {self.eps}")
+        if self.clip is not None and not (0 <= self.clip < math.inf):
+            raise ConfigError(f"--clip must be a number >= 0 (0 disables clipping), got {self.clip}")
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError(f"--threads must be positive, got {self.threads}")
+        if self.peak_tflops is not None and not (0 < self.peak_tflops < math.inf):
+            raise ConfigError(f"--peak-tflops must be a positive number, got {self.peak_tflops}")
         if self.stop_at is not None and self.stop_at <= 0:
             raise ConfigError(f"--stop-at must be positive, got {self.stop_at}")
-        if not self.dist_timeout > 0:
+        if not (0 < self.dist_timeout < math.inf):
             raise ConfigError(f"--dist-timeout must be positive, got {self.dist_timeout}")
         if self.nproc_per_node is not None and self.nproc_per_node <= 0:
             raise ConfigError(f"--nproc-per-node must be positive, got {self.nproc_per_node}")
@@ -264,7 +301,6 @@ class TrainOptions:
 
 # Options whose change on --resume cannot alter the math of the steps already taken.
 RESUME_OVERRIDABLE = {
-    "embedded_stories",  # used only to make the data of a new run; a resumed run reads its recorded files
     "steps",
     "stop_at",
     "eval_every",

@@ -3,6 +3,7 @@ token data."""
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,13 @@ class DataSplit:
         if self.val is None or self.val_range is None or opts.eval_every <= 0 or opts.eval_batches <= 0:
             return []
         lo, hi = self.val_range
+        distinct = hi - lo - opts.seq  # window starts in the validation region
+        if opts.batch * opts.eval_batches > distinct:
+            raise ConfigError(
+                f"--eval-batches {opts.eval_batches} x --batch {opts.batch} validation windows are more than "
+                f"the {distinct:,} different windows of {opts.seq + 1} tokens the validation data holds; "
+                f"use --eval-batches {max(1, distinct // opts.batch)} or fewer"
+            )
         return eval_windows(self.val.tokens, lo, hi, opts.seq, opts.batch, opts.eval_batches)
 
     def eval_batches(self, opts: TrainOptions) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -136,9 +144,41 @@ class DataSplit:
         return gather_masks(self.train.mask, sampler.last_positions, seq)
 
 
+#: inputs of `anetrain prepare`, not token files
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json", ".csv", ".parquet")
+
+
+def _looks_like_text(p: Path) -> bool:
+    """UTF-8 without a zero byte in its first 4 KB: text (a uint16 token file's ids below 256 have a zero
+    high byte, and random ids are not valid UTF-8)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4096)
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at 4 KB is fine
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(head) and b"\0" not in head
+
+
+def refuse_text(path: str, flag: str) -> None:
+    """A text file given where a token file belongs: say how to make one (one line)."""
+    p = Path(path)
+    if p.is_file() and (p.suffix.lower() in TEXT_SUFFIXES or _looks_like_text(p)):
+        tok = "TOKENIZER.model"
+        raise InputError(
+            p,
+            f"{flag} takes a token file, and this looks like text: tokenize it first, e.g. `anetrain prepare "
+            f"{p} --tokenizer {tok} --out {p.with_suffix('.bin')}` (or train without --data for the "
+            "embedded default)",
+        )
+
+
 def resolve_data(opts: TrainOptions, cfg: ModelConfig, tokenizer_fp: str | None) -> DataSplit:
     assert opts.data is not None
     window = opts.seq + 1
+    refuse_text(opts.data, "--data")
+    if opts.val_data:
+        refuse_text(opts.val_data, "--val-data")
     train = open_tokens(opts.data)
     if opts.val_data:
         val = open_tokens(opts.val_data)

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import (
-    holds_checkpoint,
-)
+from ..checkpoint import holds_checkpoint, is_run_dir
 from ..config import PRESETS
 from ..distributed import DistributedError, World, init_world, wants_cuda
 from ..errors import AnetrainError, ConfigError, InputError
+from ..fsutil import describe_os_error, read_capped
+from .lock import RunLock
 from .options import RESUME_OVERRIDABLE, TrainOptions
 from .rundir import RankLog, RunLog
 from .trainer import Trainer
@@ -38,20 +39,26 @@ def load_resume_options(run_dir: Path, given: dict[str, Any], world_size: int = 
     ``--accum`` may change together with the number of ranks when ranks x accum (the global batch) stays the
     run's, e.g. a 2-rank run resumed by one process with twice the accumulation.
     """
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise InputError(run_dir, "not a run directory (no config.json)")
     try:
-        doc = json.loads((run_dir / "config.json").read_text("utf-8"))
+        doc = json.loads(read_capped(path, 16 << 20, "run config"))
         saved = doc["train"]
         saved_world = int(doc.get("world_size") or 1)
-    except FileNotFoundError:
-        raise InputError(run_dir, "not a run directory (no config.json)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(run_dir / "config.json", f"unreadable ({e})") from None
+        if not isinstance(saved, dict):
+            raise TypeError("its 'train' entry is not an object")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(path, f"unreadable ({type(e).__name__}: {e})") from None
     known = {f.name for f in fields(TrainOptions)}
     opts = TrainOptions(**{k: v for k, v in saved.items() if k in known})
+    problem = opts.type_problem()
+    if problem:
+        raise InputError(path, f"unreadable ({problem})")
     opts.stop_at = None  # a --stop-at is for one process only; a plain resume runs to --steps
     # paths as recorded (absolute), so a resume from another directory finds the files
     for key in ("data", "val_data", "tokenizer"):
-        if doc.get(key):
+        if isinstance(doc.get(key), str) and doc[key]:
             setattr(opts, key, doc[key])
     same_global_batch = (
         "accum" in given
@@ -99,36 +106,111 @@ def start_world(opts: TrainOptions, given: dict[str, Any]) -> World:
     return init_world(opts.dist_timeout, opts.dist_backend, wants_cuda(backend))
 
 
-def _prepare_run(
-    opts: TrainOptions, given: dict[str, Any], world: World, log: Any
-) -> tuple[TrainOptions, Path, Any]:
-    """Rank 0 (or the single process): the run's options and directory, its log, the embedded data if no
-    --data was given."""
+@dataclass
+class PreparedRun:
+    """What rank 0 prepared: the options, the run directory (locked), its log."""
+
+    opts: TrainOptions
+    run_dir: Path
+    log: Any  # RunLog, None until it is open
+    lock: RunLock
+    created: Path | None  # what this command made (the run directory or a parent): removed if the run fails
+
+    def close(self, remove: bool = False) -> None:
+        """Close the log and let go of the directory (removing it when asked and this command made it)."""
+        if self.log is not None:
+            self.log.close()
+        self.lock.release()
+        if remove and self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+
+
+#: what a run directory may hold before its trainer writes config.json (the dashboard's launcher opens
+#: train.log first)
+LAUNCH_FILES = {"train.log", "trainer.lock", "trainer.pid", "control"}
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse an --out that would destroy something: a file, or a non-empty directory that is not a run
+    directory (a model, a tokenizer's folder, a home directory)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} exists and is not a directory; choose another --out")
+    if run_dir.is_dir() and not is_run_dir(run_dir):
+        try:
+            foreign = [p.name for p in run_dir.iterdir() if p.name not in LAUNCH_FILES]
+        except OSError as e:
+            raise InputError(run_dir, f"cannot be read ({describe_os_error(e)})") from None
+        if foreign:
+            raise ConfigError(
+                f"--out {run_dir} is a non-empty directory that is not a run directory; its files could be "
+                "overwritten: choose a new or empty directory"
+            )
+
+
+def make_run_dir(run_dir: Path) -> Path | None:
+    """Create the run directory; the outermost directory this call made (the run directory, or a parent
+    such as ``runs/``), or None."""
+    created = None
+    for d in (run_dir, *run_dir.parents):
+        if d.exists():
+            break
+        created = d
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AnetrainError(f"{run_dir}: cannot create the run directory ({describe_os_error(e)})") from None
+    return created
+
+
+def _prepare_run(opts: TrainOptions, given: dict[str, Any], world: World, log: Any) -> PreparedRun:
+    """Rank 0 (or the single process): the run's directory (locked: one trainer per directory), options
+    and log, and the embedded data if no --data was given. A directory this made is removed again if
+    something here fails."""
+    created = None
     if opts.resume:
         run_dir = Path(opts.resume)
-        opts = load_resume_options(run_dir, given, world.world_size)
+        if not run_dir.is_dir():
+            raise InputError(run_dir, "not a run directory (no config.json)")
     else:
         run_dir = Path(opts.out) if opts.out else default_run_dir(opts.model)
-        if holds_checkpoint(run_dir):
+        check_new_run_dir(run_dir)
+        opts.validate()  # before anything is created
+        created = make_run_dir(run_dir)
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire()
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    prepared = PreparedRun(opts, run_dir, None, lock, created)
+    try:
+        if opts.resume:
+            opts = load_resume_options(run_dir, given, world.world_size)
+        elif holds_checkpoint(run_dir):
             raise ConfigError(
                 f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose --out"
             )
-    opts.validate()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    both = RunLog(run_dir / "train.log", sink=log)
-    try:
+        opts.validate()
+        prepared.opts = opts
+        both = prepared.log = RunLog(run_dir / "train.log", sink=log)
+        if lock.taken_over is not None:
+            both(
+                f"note: {lock.path} was left by process {lock.taken_over}, which is no longer running; "
+                "taking the run directory over"
+            )
         if opts.data is None and not opts.resume:
             from ..data.embedded import EMBEDDED_DEFAULTS, prepare_embedded
 
-            for key, value in EMBEDDED_DEFAULTS.items():
-                if key not in given:  # settings tuned for the embedded corpus, unless given
+            for key, value in EMBEDDED_DEFAULTS.items():  # settings for the embedded corpus, unless given
+                if key not in given:
                     setattr(opts, key, value)
-            embedded = prepare_embedded(n_stories=opts.embedded_stories, log=both)
-            opts.data, opts.tokenizer = (str(p) for p in embedded)
+            opts.validate()
+            opts.data, opts.tokenizer = (str(p) for p in prepare_embedded(log=both))
     except BaseException:
-        both.close()
+        prepared.close(remove=True)
         raise
-    return opts, run_dir, both
+    return prepared
 
 
 def run_training(opts: TrainOptions, given: dict[str, Any] | None = None, log: Any = None) -> int:
@@ -149,16 +231,17 @@ def run_training(opts: TrainOptions, given: dict[str, Any] | None = None, log: A
 
 
 def _run_ranks(opts: TrainOptions, given: dict[str, Any], log: Any, world: World) -> int:
-    main_log: Any = None
+    prepared: PreparedRun | None = None
 
     def prepare() -> dict[str, Any]:
-        nonlocal main_log
-        prepared, run_dir, main_log = _prepare_run(opts, given, world, log)
-        return {"opts": asdict(prepared), "run_dir": str(run_dir)}
+        nonlocal prepared
+        prepared = _prepare_run(opts, given, world, log)
+        return {"opts": asdict(prepared.opts), "run_dir": str(prepared.run_dir)}
 
     doc = world.from_main(prepare, "preparing the run")
     opts, run_dir = TrainOptions(**doc["opts"]), Path(doc["run_dir"])
-    both = main_log if world.is_main else RankLog(world.rank)
+    both = prepared.log if prepared is not None else RankLog(world.rank)
+    started = False
     try:
         opts.validate()
         if opts.threads:
@@ -168,6 +251,10 @@ def _run_ranks(opts: TrainOptions, given: dict[str, Any], log: Any, world: World
         trainer = Trainer(
             opts, run_dir, both, model_check=given.get("model") if opts.resume else None, world=world
         )
+        started = True
         return trainer.run()
     finally:
-        both.close()
+        if prepared is not None:
+            prepared.close(remove=not started)  # a new run that failed before training leaves nothing
+        else:
+            both.close()

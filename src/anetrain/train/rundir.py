@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -22,7 +23,7 @@ from .. import __version__
 from ..config import ModelConfig
 from ..distributed import World
 from ..errors import AnetrainError
-from ..fsutil import atomic_write_text, open_for_append
+from ..fsutil import atomic_write_text, describe_os_error, open_for_append
 from ..lora import LoraConfig
 from ..telemetry.metrics import MetricsWriter
 from .options import TrainOptions
@@ -44,8 +45,9 @@ class NullMetrics:
 class RunFiles:
     """What rank 0 writes into RUN_DIR besides checkpoints; a data-parallel rank's writes nothing."""
 
-    def __init__(self, run_dir: Path, world: World, started: float) -> None:
+    def __init__(self, run_dir: Path, world: World, started: float, warn: Callable[[str], None]) -> None:
         self.run_dir = run_dir
+        self.warn = warn  # the log: what a full disk costs is said there
         self.writes = world.is_main
         self.started = started  # the metrics' elapsed_s counts from here
         self.pid_file = run_dir / "trainer.pid"
@@ -55,7 +57,7 @@ class RunFiles:
         """Start appending to metrics.jsonl, with the experiment trackers the options ask for."""
         if not self.writes:
             return
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", start_time=self.started)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", start_time=self.started, warn=self.warn)
         if opts.wandb or opts.tensorboard:
             try:
                 from ..ui.trackers import make_trackers
@@ -93,9 +95,14 @@ class RunFiles:
             atomic_write_text(self.run_dir / "config.json", json.dumps(doc, indent=1))
 
     def write_report(self, report: dict[str, Any]) -> None:
+        """report.json (and the "report" record); at the end of a run a failed write is only a warning (the
+        checkpoint is safe, and the report is in the log)."""
         self.write("report", **report)
         if self.writes:
-            atomic_write_text(self.run_dir / "report.json", json.dumps(report, indent=1))
+            try:
+                atomic_write_text(self.run_dir / "report.json", json.dumps(report, indent=1))
+            except AnetrainError as e:
+                self.warn(f"warning: {e}")
 
     @contextlib.contextmanager
     def live(self) -> Iterator[None]:
@@ -119,38 +126,77 @@ class RunFiles:
 
 
 class RunLog:
-    """The run's log: lines go to RUN_DIR/train.log and to the console (above the progress bar, if any).
+    """The run's log: lines go to RUN_DIR/train.log and to the console (above the progress bar, if any):
+    progress to stderr, the run's result (the Efficiency Report, the final sample, where the run is and what
+    to do next) to stdout.
 
     Under ``anetrain train --dashboard`` the training child's stderr already is train.log (so that tracebacks
     land there too); the parent sets ANETRAIN_STDERR_IS_LOG and the child then writes each line only once.
+    Neither a closed terminal (after SIGHUP) nor a full disk stops the run: the console or the file is
+    then given up on, with a warning where one can still be seen.
     """
 
     def __init__(self, path: Path, sink: Callable[[str], None] | None = None) -> None:
+        self.path = path
         self.to_file = not os.environ.get("ANETRAIN_STDERR_IS_LOG")
-        self.file = open_for_append(path) if self.to_file else None
+        try:
+            self.file = open_for_append(path) if self.to_file else None
+        except OSError as e:
+            raise AnetrainError(f"{path}: cannot be written ({describe_os_error(e)})") from None
         self.sink = sink
         self.progress: Any = None
+        self.console = True  # False once the console is gone (the terminal closed)
 
     def __call__(self, line: str) -> None:
-        if self.sink is not None:
-            self.sink(line)
-        elif self.progress is not None:
-            self.progress.log(line)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        self._console(line, sys.stderr)
         self.file_only(line)
 
+    def result(self, text: str) -> None:
+        """The run's result: stdout (and train.log)."""
+        self.end_progress()  # the bar ends before the result is printed under it
+        self._console(text, sys.stdout)
+        self.file_only(text)
+
+    def _console(self, line: str, stream: Any) -> None:
+        if self.sink is not None:
+            self.sink(line)
+            return
+        if not self.console:
+            return
+        try:
+            if self.progress is not None:
+                self.progress.log(line)
+            else:
+                print(line, file=stream, flush=True)
+        except OSError:  # the terminal went away (SIGHUP): train.log goes on
+            self.console = False
+
     def file_only(self, line: str) -> None:
-        if self.file is not None:
+        if self.file is None:
+            return
+        try:
             self.file.write(line + "\n")
             self.file.flush()
+        except OSError as e:
+            self.file = None  # a full disk: the console goes on; nothing more is written to train.log
+            problem = describe_os_error(e)
+            warning = f"warning: {self.path}: write failed ({problem}); the log goes on here only"
+            self._console(warning, sys.stderr)
+
+    def end_progress(self) -> None:
+        """Close the progress bar (if the terminal is gone, just forget it)."""
+        if self.progress is not None:
+            try:
+                self.progress.close()
+            except OSError:
+                self.console = False
+            self.progress = None
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.close()
-            self.progress = None
+        self.end_progress()
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):
+                self.file.close()
 
 
 class RankLog:
@@ -162,7 +208,11 @@ class RankLog:
 
     def __call__(self, line: str) -> None:
         if line.lstrip().lower().startswith(("warning", "error")):
-            print(f"[rank {self.rank}] {line}", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                print(f"[rank {self.rank}] {line}", file=sys.stderr, flush=True)
+
+    def result(self, text: str) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -184,7 +234,13 @@ def progress_printer(
         own.progress = bar
 
     def update(rec: dict[str, Any]) -> None:
-        bar.update_record(rec)
+        if own is None or own.console:
+            try:
+                bar.update_record(rec)
+            except OSError:  # the terminal went away (SIGHUP): the log goes on in train.log
+                if own is not None:
+                    own.console = False
+                    own.progress = None
         if rec["step"] % max(1, log_every) == 0 or rec["step"] == end:
             line = bar.format_line(rec["step"], rec["loss"], rec["tokens_per_s"], rec["lr"], rec["ms"])
             if own is not None:
@@ -193,6 +249,23 @@ def progress_printer(
                 log(line)
 
     return update
+
+
+def next_steps(run_dir: Path, unfinished: bool, has_tokenizer: bool) -> str:
+    """The end of a run's result: where the run is and the commands that use it next."""
+    d = shlex.quote(str(run_dir))
+    lines = [f"run directory: {run_dir}"]
+    if unfinished:
+        lines.append(f"  continue:  anetrain train --resume {d}")
+    tokenizer = "" if has_tokenizer else " --tokenizer TOKENIZER"
+    return "\n".join(
+        [
+            *lines,
+            f"  generate:  anetrain generate --model {d}{tokenizer} --prompt 'Once upon a time'",
+            f"  inspect:   anetrain info {d}    anetrain dashboard {d}",
+            f"  export:    anetrain export {d} model.bin --format llama2c-v0   (or --format hf)",
+        ]
+    )
 
 
 def pipeline_line(

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..distributed import World
 from ..lora import LoraParams, merge
+from ..params import ModelParams
 from ..pipeline.base import Pipeline
 from ..tokenizer.base import Tokenizer
 from .rundir import RunFiles
@@ -38,6 +39,7 @@ class SampleWriter:
         self.files = files
         self.log = log
         self.written_at: int | None = None  # the step of the last sample (one per step at most)
+        self.last_line = ""
 
     def due(self, step: int) -> bool:
         """Every ``every`` steps, or when the dashboard asked for one (the request is taken)."""
@@ -48,8 +50,13 @@ class SampleWriter:
             self.request_file.unlink(missing_ok=True)
         return asked or (self.every > 0 and step % self.every == 0)
 
-    def write(self, step: int) -> None:
-        if self.tokenizer is None or not self.active or self.written_at == step:
+    def write(self, step: int, final: bool = False) -> None:
+        """A sample from the current weights (``final``: the run's last, part of its result on stdout)."""
+        if self.tokenizer is None or not self.active:
+            return
+        if self.written_at == step:  # one sample per step: the one written (the result says it again)
+            if final and self.last_line:
+                self.log.result(self.last_line)
             return
         self.written_at = step
         from ..generate import generate
@@ -60,6 +67,8 @@ class SampleWriter:
             params = merge(params.base.to(device="cpu"), params.to(device="cpu"))
         if params.flat.device.type != "cpu":
             params = params.to(device="cpu")
+        if params.cfg.seq_len > self.tokens:  # the decoder's cache: the sample's length, not the model's
+            params = ModelParams(params.cfg.with_(seq_len=self.tokens), params.flat)
         res = generate(
             params,
             self.tokenizer,
@@ -70,4 +79,5 @@ class SampleWriter:
             seed=step,
         )
         self.files.write("sample", step=step, text=res.text)
-        self.log(f"sample at step {step}:\n{res.text.strip()}")
+        self.last_line = f"sample at step {step}:\n{res.text.strip()}"
+        self.log.result(self.last_line) if final else self.log(self.last_line)

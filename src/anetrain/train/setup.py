@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import base_reference, config_difference, load_base, load_latest
+from ..checkpoint import MANIFEST, base_reference, config_difference, load_base, load_latest
 from ..config import ModelConfig, make_config
 from ..data.compaction import VocabCompaction
 from ..distributed import World
@@ -41,6 +41,7 @@ class Start:
     lora: LoraParams | None = None
     base_ref: dict[str, Any] | None = None
     source: dict[str, Any] | None = None
+    manifest_file: str | None = None  # the manifest's file, when resuming (named by errors about its content)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -52,6 +53,7 @@ class Start:
             "model": self.cfg.to_dict(),
             "what": self.what,
             "manifest": self.manifest,
+            "manifest_file": self.manifest_file,
             "adam_t": self.optimizer.t if self.optimizer is not None else None,
             "lora": self.lora.lora.to_dict() if self.lora is not None else None,
             "base_ref": self.base_ref,
@@ -71,7 +73,14 @@ class Start:
             return cls(base, optimizer, summary["manifest"], summary["what"], lora, summary["base_ref"])
         params = ModelParams.zeros(cfg)
         optimizer = None if t is None else AdamState(params.like(), params.like(), int(t))
-        return cls(params, optimizer, summary["manifest"], summary["what"], source=summary.get("source"))
+        return cls(
+            params,
+            optimizer,
+            summary["manifest"],
+            summary["what"],
+            source=summary.get("source"),
+            manifest_file=summary.get("manifest_file"),
+        )
 
 
 def base_dtype(opts: TrainOptions) -> torch.dtype:
@@ -103,7 +112,7 @@ def load_start(opts: TrainOptions, run_dir: Path, model_check: str | None, log: 
         ref = base_reference(opts.model, r.path, r.params)
         adapters = init_lora(r.cfg, lc, opts.seed)
         return Start(r.params, None, None, r.what, adapters, ref, r.source)
-    resumed = load_latest(run_dir)
+    resumed = load_latest(run_dir, warn=log)
     if resumed is None:
         raise InputError(run_dir, "no complete checkpoint to resume from")
     log(f"resuming from {resumed.path} (step {resumed.step})")
@@ -113,13 +122,18 @@ def load_start(opts: TrainOptions, run_dir: Path, model_check: str | None, log: 
             raise ConfigError(f"cannot resume {run_dir}: the model config differs ({diff})")
     what = f"{resumed.cfg.name} resumed at step {resumed.step}"
     source = resumed.manifest.get("hf_source")
+    manifest_file = str(resumed.path / MANIFEST)
     if resumed.lora is not None:
         assert isinstance(resumed.params, LoraParams)
         base = load_base(resumed.manifest, resumed.path, base_dtype(opts))
         ref = resumed.manifest["base"]
-        return Start(base, resumed.optimizer, resumed.manifest, what, resumed.params, ref, source)
+        return Start(
+            base, resumed.optimizer, resumed.manifest, what, resumed.params, ref, source, manifest_file
+        )
     assert isinstance(resumed.params, ModelParams)
-    return Start(resumed.params, resumed.optimizer, resumed.manifest, what, source=source)
+    return Start(
+        resumed.params, resumed.optimizer, resumed.manifest, what, source=source, manifest_file=manifest_file
+    )
 
 
 def start_on_every_rank(

@@ -37,10 +37,15 @@ class Counters:
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Counters:
-        """Counters from a manifest (fields it lacks start at zero; unknown ones are ignored)."""
+        """Counters from a manifest (fields it lacks start at zero; unknown ones are ignored; a value that is
+        not a number is a ValueError)."""
         known = {f.name for f in fields(cls)}
         counters = cls(**{k: v for k, v in saved.items() if k in known})
         counters.phase_ms = {**dict.fromkeys(PHASES, 0.0), **counters.phase_ms}
+        values = [(k, getattr(counters, k)) for k in known - {"phase_ms"}] + list(counters.phase_ms.items())
+        for name, value in values:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"counter {name} is {value!r}, not a number")
         return counters
 
     def add_step(
@@ -67,6 +72,10 @@ class RunState:
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> RunState:
+        for key in ("best_val_loss", "last_loss"):
+            value = manifest.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"{key} is {value!r}, not a number")
         return cls(
             step=int(manifest["step"]),
             best_val_loss=manifest.get("best_val_loss"),

@@ -1,5 +1,5 @@
-"""When training stops early: SIGINT / SIGTERM, the dashboard's RUN_DIR/control/stop, and, data-parallel, the
-agreement that makes every rank stop after the same step.
+"""When training stops early: SIGINT / SIGTERM / SIGHUP (the terminal closed), the dashboard's
+RUN_DIR/control/stop, and, data-parallel, the agreement that makes every rank stop after the same step.
 
 The first signal asks for a stop after the current step (with a checkpoint), as the stop file does; a second
 signal stops at once (KeyboardInterrupt), except under torchrun, which passes on the Ctrl-C the terminal
@@ -26,9 +26,24 @@ from ..distributed import World
 #: terminal's Ctrl-C reaches every rank, and torchrun forwards the one it got), not an urgent "stop now"
 DUPLICATE_SIGNAL_S = 2.0
 
+#: the signals that ask for a stop with a checkpoint, in the order of precedence when ranks disagree
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+#: the exit status after each (128 + the signal's number, as the shell reports a process it killed)
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+
+
+class Stop(Exception):
+    """Raised out of the training loop when the job agreed to stop early."""
+
+
+class StepAbandoned(Stop):
+    """A stop signal arrived between the micro-steps of a single process's step: the step is dropped (its
+    gradients are partial and nothing was applied) and the run stops after the step before it."""
+
 
 class StopController:
-    """Collects stop requests; :attr:`signal` is the one every rank acts on (SIGINT or SIGTERM), or None."""
+    """Collects stop requests; :attr:`signal` is the one every rank acts on (SIGINT, SIGTERM or SIGHUP), or
+    None."""
 
     def __init__(self, world: World, run_dir: Path, log: Any) -> None:
         self.world = world
@@ -45,6 +60,21 @@ class StopController:
         else:
             self.signal = self.signal or signum
 
+    def rewind_point(self, sampler: Any, micro_steps: int) -> dict[str, Any] | None:
+        """The sampler's state at the start of a step that a stop signal may cut short: a single process
+        honours a signal between micro-steps (a long --accum must not make SIGTERM wait); data-parallel ranks
+        stop together after the step."""
+        if micro_steps > 1 and not self.world.active:
+            return dict(sampler.job_state([sampler.state()]))
+        return None
+
+    def between_micro_steps(self, sampler: Any, rewind: dict[str, Any] | None, step: int) -> None:
+        """Raise :class:`StepAbandoned` when a stop was asked for, with the sampler back at ``rewind`` (where
+        the step began), so that its checkpoint resumes exactly."""
+        if rewind is not None and self.signal is not None:
+            sampler.restore(rewind, step=step)
+            raise StepAbandoned
+
     def poll_control_file(self) -> None:
         """The dashboard's stop request (rank 0 watches the run directory): as SIGINT."""
         if self.world.is_main and self.stop_file.exists():
@@ -56,12 +86,13 @@ class StopController:
         each rank's stop request, and a request from any rank stops them all."""
         if not self.world.active:
             return float(np.mean(losses))
-        total, n_int, n_term = self.world.sum_values(
-            [math.fsum(losses), float(self.pending == signal.SIGINT), float(self.pending == signal.SIGTERM)],
+        total, *counts = self.world.sum_values(
+            [math.fsum(losses), *(float(self.pending == s) for s in STOP_SIGNALS)],
             "the step's loss reduction",
         )
-        if n_term or n_int:
-            self.signal = signal.SIGTERM if n_term else signal.SIGINT
+        asked = [s for s, n in zip(STOP_SIGNALS, counts, strict=True) if n]
+        if asked:
+            self.signal = asked[0]
         return total / (len(losses) * self.world.world_size)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -77,9 +108,10 @@ class StopController:
 
     @contextlib.contextmanager
     def watching_signals(self) -> Iterator[None]:
-        """SIGINT and SIGTERM become stop requests while the block runs (the main thread's handlers)."""
+        """SIGINT, SIGTERM and SIGHUP become stop requests while the block runs (the main thread's
+        handlers)."""
         old = {}
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOP_SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread
                 old[s] = signal.signal(s, self._on_signal)
         try:

@@ -4,9 +4,11 @@ controller (torchtitan's ``Trainer.train`` asks its checkpointer and validator t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +25,18 @@ from ..telemetry.report import build_report, format_report
 from .checkpointer import Checkpointer, resume_state
 from .evaluator import Evaluator
 from .options import TrainOptions
-from .rundir import RunFiles, fine_tuning_fields, fine_tuning_lines, pipeline_line, progress_printer
+from .rundir import (
+    RunFiles,
+    fine_tuning_fields,
+    fine_tuning_lines,
+    next_steps,
+    pipeline_line,
+    progress_printer,
+)
 from .samples import SampleWriter
 from .setup import build_parts, start_on_every_rank
 from .state import CommTimes, RunState, WallClock
-from .stop import StopController
-
-
-class Stop(Exception):
-    """Raised out of the loop when the job agreed to stop early."""
+from .stop import EXIT_CODES, Stop, StopController
 
 
 class Trainer:
@@ -64,10 +69,11 @@ class Trainer:
             self.pipe.after_update()
         self.grad_sync = GradSync(world, self.pipe)
         self.sampler = parts.data.sampler(opts, world)
+        batches = parts.data.eval_batches(opts)  # (refuses more windows than the data holds: before writing)
         self.resumed = start.manifest is not None
         self.state = RunState()
         if start.manifest is not None:
-            self.state = resume_state(start.manifest, opts, world, self.sampler, self.scaler, log)
+            self.state = resume_state(start, opts, world, self.sampler, self.scaler, log)
         self.clock = WallClock(started, self.state.counters.wall_s)
         # the step's size: each rank's gradients are scaled by 1/micro_batches, so their all-reduced sum is
         # the mean over the job's micro-batches
@@ -81,7 +87,7 @@ class Trainer:
             log(self.pipe.note)
         self.peak = 0.0  # TFLOPS of one device, for the utilization (rank 0 measures it)
         # the run directory (rank 0 writes it) and the components the loop asks after each step
-        self.files = RunFiles(run_dir, world, started)
+        self.files = RunFiles(run_dir, world, started, log)
         world.agree(lambda: self._open_run_dir(start.what), "writing the run")
         self.checkpointer = Checkpointer(
             run_dir,
@@ -96,7 +102,6 @@ class Trainer:
             log,
             {"base": start.base_ref, "hf_source": start.source},
         )
-        batches = parts.data.eval_batches(opts)
         self.evaluator = Evaluator(self.pipe, world, batches, opts.eval_every, opts.steps, self.files, log)
         self.samples = SampleWriter(
             self.pipe, parts.tokenizer, world, run_dir, opts.sample_every, opts.sample_tokens, self.files, log
@@ -111,8 +116,10 @@ class Trainer:
         pipe.times.reset()
         pipe.zero_grad()
         scale = self.scaler.scale if self.scaler else 1.0  # fp16: the loss scale
+        rewind = self.stop.rewind_point(self.sampler, o.accum)  # a stop between micro-steps goes back here
         losses = []
         for i in range(o.accum):
+            self.stop.between_micro_steps(self.sampler, rewind, state.step)
             with pipe.times.phase("io"):
                 window = self.sampler.next_batch()
                 mask = self.data.loss_mask(self.sampler, o.seq)
@@ -207,7 +214,7 @@ class Trainer:
                 self._finish(end)
             except Stop:
                 exit_code = self._interrupted()
-        self._report()
+            self._report()
         self.pipe.close()
         self.files.close()
         return exit_code
@@ -231,7 +238,8 @@ class Trainer:
         if self.state.step >= end:
             return
         t0 = time.perf_counter()
-        self.pipe.warmup(self.opts.batch, self.opts.seq)
+        with out_of_memory_as_error(self.opts):
+            self.pipe.warmup(self.opts.batch, self.opts.seq)
         seconds = time.perf_counter() - t0
         self.state.counters.compile_s += seconds
         self.files.write("compile", seconds=seconds, what=self.labels["pipeline"])
@@ -247,7 +255,7 @@ class Trainer:
             if self.evaluator.due_at_end():
                 self._evaluate()
             self.checkpointer.save("final", state)
-            self.samples.write(state.step)
+            self.samples.write(state.step, final=True)
             return
         self.log(
             f"stopping at step {state.step} (--stop-at); resume with: anetrain train --resume {self.run_dir}"
@@ -255,13 +263,14 @@ class Trainer:
         self.checkpointer.save("interrupt", state)
 
     def _interrupted(self) -> int:
-        """A stop request was agreed: checkpoint; the signal's exit status (130 for SIGINT, 143 SIGTERM)."""
+        """A stop request was agreed: checkpoint; the signal's exit status (130 for SIGINT, 143 SIGTERM,
+        129 SIGHUP)."""
         signum = self.stop.signal
         name = signal.Signals(signum).name if signum else "stop"
         resume = f"resume with: anetrain train --resume {self.run_dir}"
         self.log(f"{name}: checkpointing at step {self.state.step}; {resume}")
         self.checkpointer.save("interrupt", self.state)
-        return 130 if signum == signal.SIGINT else 143
+        return EXIT_CODES.get(signum, 130) if signum else 130
 
     # ---- the run directory -------------------------------------------------------------------------
     def _open_run_dir(self, what: str) -> None:
@@ -333,7 +342,23 @@ class Trainer:
             loss_masked=self.data.masked,
         )
         self.files.write_report(report)
-        self.log(format_report(report))
+        self.log.result(format_report(report))  # the run's result, then where it is and what next
+        unfinished = self.state.step < self.opts.steps
+        self.log.result(next_steps(self.run_dir, unfinished, self.opts.tokenizer is not None))
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(opts: TrainOptions) -> Iterator[None]:
+    """An allocation that fails (the micro-batch's buffers) as one line saying which options to lower."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():
+            raise
+        raise AnetrainError(
+            f"not enough memory for micro-batches of --batch {opts.batch} x --seq {opts.seq} on this model; "
+            "lower --batch or --seq (--accum keeps the step's size)"
+        ) from None
 
 
 def micro_step(pipe: Pipeline, window: torch.Tensor, grad_scale: float, mask: torch.Tensor | None) -> float:
