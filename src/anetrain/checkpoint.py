@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig, make_config
 from .errors import AnetrainError, ConfigError, InputError
 from .fsutil import atomic_write_text, describe_os_error, file_sha256, fsync_dir, read_capped
-from .lora import LoraConfig, LoraParams, fingerprint
+from .lora import LoraConfig, LoraParams, fingerprint, lora_specs
 from .optim import AdamState
 from .params import FlatParams, ModelParams, param_specs, require_file_holds
 
@@ -359,8 +359,10 @@ def load_checkpoint(
     with_optimizer = with_optimizer and (p / OPTIM_FILE).exists()
     try:
         # what the files hold must be what the manifest's model needs, before anything is allocated
-        require_file_holds(p / MODEL_FILE, cfg, (p / MODEL_FILE).stat().st_size, per_param=4)
-        expected = {s.name: s.shape for s in param_specs(cfg)}
+        if lora is None:  # (a LoRA checkpoint holds only the adapters: its header's shapes are checked below)
+            require_file_holds(p / MODEL_FILE, cfg, (p / MODEL_FILE).stat().st_size, per_param=4)
+        specs = param_specs(cfg) if lora is None else lora_specs(cfg, lora)
+        expected = {s.name: s.shape for s in specs}
         _require_tensors(p / MODEL_FILE, expected)
         if with_optimizer:
             _require_tensors(
