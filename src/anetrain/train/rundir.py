@@ -268,6 +268,25 @@ def next_steps(run_dir: Path, unfinished: bool, has_tokenizer: bool) -> str:
     )
 
 
+def pipeline_lines(
+    labels: dict[str, str],
+    opts: TrainOptions,
+    world: World,
+    global_batch: int,
+    tokens_per_step: int,
+    grad_sync: Any,
+) -> list[str]:
+    """The log's lines about how the run trains: pipeline, device, precision, batch, optimizer; with several
+    ranks, a note when the pipeline announces no gradient buckets (``grad_sync.overlap`` False)."""
+    line = pipeline_line(labels, opts, world, global_batch, tokens_per_step)
+    if world.active and not grad_sync.overlap:
+        return [
+            line,
+            "note: this pipeline announces no gradient buckets; the all-reduce runs after the backward",
+        ]
+    return [line]
+
+
 def pipeline_line(
     labels: dict[str, str], opts: TrainOptions, world: World, global_batch: int, tokens_per_step: int
 ) -> str:

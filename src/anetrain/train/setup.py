@@ -166,6 +166,8 @@ class Parts:
 
 def build_parts(opts: TrainOptions, start: Start, world: World, log: Any) -> Parts:
     cfg = start.cfg
+    if opts.seq > cfg.seq_len:
+        log(f"note: --seq {opts.seq} is longer than the model's seq_len {cfg.seq_len}; RoPE extrapolates")
     tokenizer = None
     if opts.tokenizer and world.is_main:
         from ..tokenizer import load_tokenizer

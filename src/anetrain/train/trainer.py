@@ -30,7 +30,7 @@ from .rundir import (
     fine_tuning_fields,
     fine_tuning_lines,
     next_steps,
-    pipeline_line,
+    pipeline_lines,
     progress_printer,
 )
 from .samples import SampleWriter
@@ -56,9 +56,6 @@ class Trainer:
         # the model (rank 0 reads it), then the data, pipeline and optimizer on every rank
         start = start_on_every_rank(world, opts, run_dir, model_check, log)
         self.cfg = start.cfg
-        if opts.seq > self.cfg.seq_len:
-            longer = f"--seq {opts.seq} is longer than the model's seq_len {self.cfg.seq_len}"
-            log(f"note: {longer}; RoPE extrapolates")
         parts = world.agree(lambda: build_parts(opts, start, world, log), "reading the data")
         self.data, self.compaction, self.pipe = parts.data, parts.compaction, parts.pipe
         self.lora = parts.lora
@@ -283,15 +280,11 @@ class Trainer:
         self.files.open(o)
         self.files.write_config(cfg, o, world.world_size)
         self.log(f"model: {what}; {cfg.shape_line()}; {cfg.param_count():,} parameters")
-        for line in fine_tuning_lines(
-            self.lora, self.pipe.params.numel(), cfg.param_count(), self.data.masked
-        ):
+        trainable = self.pipe.params.numel()
+        for line in fine_tuning_lines(self.lora, trainable, cfg.param_count(), self.data.masked):
             self.log(line)
-        self.log(pipeline_line(labels, o, world, self.global_batch, self.tokens_per_step))
-        if world.active and not self.grad_sync.overlap:
-            self.log(
-                "note: this pipeline announces no gradient buckets; the all-reduce runs after the backward"
-            )
+        for line in pipeline_lines(labels, o, world, self.global_batch, self.tokens_per_step, self.grad_sync):
+            self.log(line)
         self.files.write(
             "run",
             model=cfg.to_dict(),
@@ -314,7 +307,7 @@ class Trainer:
             flops_per_step=self.flops_per_step,
             peak_tflops=self.peak,
             compact_vocab=self.compaction.size if self.compaction else None,
-            **fine_tuning_fields(self.lora, self.pipe.params.numel(), self.data.masked),
+            **fine_tuning_fields(self.lora, trainable, self.data.masked),
             resumed=self.resumed,
         )
 
